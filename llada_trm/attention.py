@@ -1,0 +1,66 @@
+"""Block-causal attention masks and the KV cache shared by the backbone and the refinement head.
+
+Blocks: the prompt (and padding) is block 0, reasoning chunk k is block k + 1. A query in block b sees the
+keys of blocks 0..b that are not padding. The mask is built here from `chunk_index` (-1 for prompt and pad,
+k for reasoning chunk k) and the key-padding `attention_mask`, so collators never ship L x L masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def block_ids(chunk_index: Tensor) -> Tensor:
+    """Block of every position: 0 for prompt and pad (chunk_index -1), k + 1 for reasoning chunk k."""
+    return chunk_index + 1
+
+
+def attention_allowed(query_blocks: Tensor, key_blocks: Tensor, key_is_real: Tensor) -> Tensor:
+    """Boolean mask (B, 1, Lq, Lk), True where the query may attend to the key.
+
+    The queries are the last Lq of the Lk keys (a KV cache holds the first Lk - Lq). Every query may attend to
+    its own position, so that a padding query, whose keys are all masked, does not turn into NaN in SDPA.
+    """
+    num_queries, num_keys = query_blocks.shape[1], key_blocks.shape[1]
+    allowed = (key_blocks[:, None, :] <= query_blocks[:, :, None]) & key_is_real[:, None, :].bool()
+    own_position = torch.eye(num_queries, dtype=torch.bool, device=allowed.device)
+    allowed[:, :, num_keys - num_queries :] |= own_position
+    return allowed[:, None]
+
+
+def attend(query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None) -> Tensor:
+    """SDPA over (B, heads, L, head_dim) tensors; key/value heads are repeated for grouped-query attention."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=0.0, is_causal=False)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the positions already encoded, plus their blocks and padding.
+
+    Immutable in use: a forward that reads a cache never changes it, and a forward with `use_cache=True`
+    returns a new, longer cache. That lets generation refine a masked chunk many times against the same
+    context, then extend the context once with the committed chunk.
+    """
+
+    keys: list[Tensor]  # per layer (B, kv_heads, T, head_dim)
+    values: list[Tensor]
+    key_blocks: Tensor  # (B, T)
+    key_is_real: Tensor  # (B, T) bool
+
+    @property
+    def length(self) -> int:
+        return self.key_blocks.shape[1]
+
+    def select_batch(self, rows: Tensor) -> "KVCache":
+        """The cache of a subset of the batch rows (used when finished sequences leave a batch)."""
+        return KVCache(
+            [k[rows] for k in self.keys], [v[rows] for v in self.values], self.key_blocks[rows], self.key_is_real[rows]
+        )

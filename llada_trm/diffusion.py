@@ -1,0 +1,55 @@
+"""LLaDA's masked-diffusion objectives: forward masking, the pretraining loss and the plain SFT loss.
+
+One t ~ U(0, 1) per sequence, p_mask = (1 - eps) t + eps, and every eligible token is replaced by the mask
+token with probability p_mask. Losses divide each masked token's cross-entropy by p_mask (the ELBO weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MASK_EPS = 1e-3
+
+
+def forward_mask(
+    input_ids: Tensor, eligible: Tensor, mask_token_id: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask eligible tokens at a per-sequence random rate. Returns (noisy ids, is_masked, p_mask (B, 1))."""
+    batch = input_ids.shape[0]
+    t = torch.rand(batch, 1, generator=generator, device=input_ids.device)
+    p_mask = (1 - MASK_EPS) * t + MASK_EPS
+    draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    is_masked = (draws < p_mask) & eligible.bool()
+    noisy = torch.where(is_masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    return noisy, is_masked, p_mask
+
+
+def _masked_ce_over_p(logits: Tensor, targets: Tensor, is_masked: Tensor, p_mask: Tensor) -> Tensor:
+    """(B, L) cross-entropy / p_mask at masked positions, 0 elsewhere (computed in fp32)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return torch.where(is_masked, ce / p_mask, torch.zeros_like(ce))
+
+
+def llada_pretrain_loss(logits: Tensor, targets: Tensor, is_masked: Tensor, p_mask: Tensor) -> Tensor:
+    """sum over masked tokens of CE / p_mask, divided by B * L (LLaDA pretraining)."""
+    return _masked_ce_over_p(logits, targets, is_masked, p_mask).sum() / targets.numel()
+
+
+def llada_sft_loss(logits: Tensor, targets: Tensor, is_masked: Tensor, p_mask: Tensor, is_response: Tensor) -> Tensor:
+    """Per sequence: sum over masked response tokens of CE / p_mask over the response length; batch mean."""
+    per_token = _masked_ce_over_p(logits, targets, is_masked, p_mask)
+    response_length = is_response.sum(dim=1).clamp(min=1)
+    return (per_token.sum(dim=1) / response_length).mean()
+
+
+@torch.no_grad()
+def masked_token_accuracy(
+    model, input_ids: Tensor, eligible: Tensor, mask_rate: float, mask_token_id: int, generator: torch.Generator
+) -> float:
+    """Fraction of tokens masked at a fixed rate that the model's argmax recovers (attention over all tokens)."""
+    is_masked = (torch.rand(input_ids.shape, generator=generator) < mask_rate) & eligible.bool()
+    noisy = torch.where(is_masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    predicted = model(input_ids=noisy).logits.argmax(dim=-1)
+    return (predicted[is_masked] == input_ids[is_masked]).float().mean().item()

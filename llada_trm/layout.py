@@ -1,0 +1,33 @@
+"""The text layout of a reasoning sample (question, marker, one step a line, tagged answer)."""
+
+from __future__ import annotations
+
+import re
+
+MARKER = "Let's solve this step by step:"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+_ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
+
+
+def render_prompt(question: str) -> str:
+    """Everything up to and including the marker and its newline: the never-masked, never-supervised part."""
+    return f"Question: {question.strip()}\n\n{MARKER}\n"
+
+
+def render_reasoning(steps: list[str] | str, answer: str | None) -> str:
+    """Steps one a line, then the tagged answer (omitted when `answer` is None or already tagged)."""
+    lines = [s.strip() for s in steps.splitlines()] if isinstance(steps, str) else [s.strip() for s in steps]
+    lines = [line for line in lines if line]
+    if answer is not None and not any(ANSWER_OPEN in line for line in lines):
+        lines.append(f"{ANSWER_OPEN}{str(answer).strip()}{ANSWER_CLOSE}")
+    return "\n".join(lines)
+
+
+def render_example(question: str, reasoning: list[str] | str, answer: str | None) -> str:
+    return render_prompt(question) + render_reasoning(reasoning, answer)
+
+
+def extract_answer(text: str) -> str | None:
+    """The text inside the first <answer>...</answer>, stripped; None when there is none."""
+    match = _ANSWER_RE.search(text)
+    return match.group(1).strip() if match else None

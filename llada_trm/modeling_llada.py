@@ -1,0 +1,236 @@
+"""Native LLaDA (masked-diffusion LM) as a transformers `PreTrainedModel`, loading official checkpoints.
+
+Matches the official architecture and weight names (`model.transformer.wte`, `.blocks.{i}.q_proj`, ...,
+`.ln_f`, `.ff_out`): pre-norm RMSNorm computed in fp32, rotate-half RoPE in fp32, SwiGLU MLP, attention
+with no causal mask. Added over the official code: a key-padding mask, block-causal attention built from
+`chunk_index`, and a KV cache for block-by-block decoding. No `trust_remote_code` is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .attention import KVCache, attend, attention_allowed, block_ids
+from .configuration_llada import LLaDAConfig
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Weights on disk that do not fit the model: never silently replaced by a random init."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(x.dtype) * self.weight
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (B, 1, L, head_dim) in fp32; frequencies concatenated (rotate-half convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (B, L, head_dim / 2)
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class LLaDABlock(nn.Module):
+    """One LLaMA-style LLaDA block; also the building block of the refinement head's tiny transformer."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        d, hd = config.d_model, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(config.n_heads * hd, d, bias=False)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)  # gate
+        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)  # down
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        allowed: Tensor | None,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, L, d). Returns the new x and this call's (keys, values) including `past`."""
+        batch, length, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        attended = attend(q, k, v, allowed).transpose(1, 2).reshape(batch, length, -1)
+        x = x + self.attn_out(attended)
+        h = self.ff_norm(x)
+        x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x, (k, v)
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: Tensor,
+    *,
+    attention_mask: Tensor | None,
+    chunk_index: Tensor | None,
+    position_ids: Tensor | None,
+    past: KVCache | None,
+    use_cache: bool,
+    rope_theta: float,
+    checkpoint_fn=None,
+) -> tuple[Tensor, KVCache | None]:
+    """Run a stack of LLaDA blocks with key padding, block-causal masking and an optional KV cache.
+
+    Shared by the backbone and the refinement head. `attention_mask` (B, L) and `chunk_index` (B, L) describe
+    the L positions of this call only; the cache carries those of the earlier positions.
+    """
+    batch, length, _ = x.shape
+    past_length = past.length if past is not None else 0
+    if position_ids is None:
+        position_ids = torch.arange(past_length, past_length + length, device=x.device).expand(batch, length)
+    is_real = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+    if attention_mask is not None:
+        is_real = attention_mask.bool()
+    blocks_now = block_ids(chunk_index) if chunk_index is not None else torch.zeros_like(is_real, dtype=torch.long)
+    key_blocks, key_is_real = blocks_now, is_real
+    if past is not None:
+        key_blocks = torch.cat((past.key_blocks, blocks_now), dim=1)
+        key_is_real = torch.cat((past.key_is_real, is_real), dim=1)
+    # Plain bidirectional attention over unpadded input needs no mask at all (the fastest SDPA path).
+    needs_mask = chunk_index is not None or not bool(key_is_real.all())
+    allowed = attention_allowed(blocks_now, key_blocks, key_is_real) if needs_mask else None
+    rope = rope_cos_sin(position_ids, blocks[0].head_dim, rope_theta)
+    new_keys, new_values = [], []
+    for i, block in enumerate(blocks):
+        layer_past = (past.keys[i], past.values[i]) if past is not None else None
+        if checkpoint_fn is not None:
+            x, (k, v) = checkpoint_fn(block.__call__, x, rope, allowed, layer_past)
+        else:
+            x, (k, v) = block(x, rope, allowed, layer_past)
+        if use_cache:
+            new_keys.append(k)
+            new_values.append(v)
+    cache = KVCache(new_keys, new_values, key_blocks, key_is_real) if use_cache else None
+    return x, cache
+
+
+@dataclass
+class LLaDAOutput(ModelOutput):
+    logits: Tensor | None = None
+    last_hidden_state: Tensor | None = None  # after ln_f, (B, L, d_model)
+    past_key_values: KVCache | None = None
+
+
+class LLaDAModel(nn.Module):
+    """The official module tree: everything lives under `transformer` (wte, blocks, ln_f, ff_out)."""
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.embedding_size, config.d_model),
+                blocks=nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+                ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
+                ff_out=nn.Linear(config.d_model, config.embedding_size, bias=False),
+            )
+        )
+
+
+class LLaDAPreTrainedModel(PreTrainedModel):
+    config: LLaDAConfig
+    config_class = LLaDAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LLaDABlock"]
+    _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but missing, unexpected or mis-shaped weights are an error."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = [f"{kind}: {sorted(map(str, keys))}" for kind, keys in info.items() if keys and kind != "error_msgs"]
+        if problems:
+            raise CheckpointMismatchError(f"checkpoint does not match {cls.__name__}: " + "; ".join(problems))
+        return (model, info) if wants_info else model
+
+
+class LLaDAModelLM(LLaDAPreTrainedModel):
+    def __init__(self, config: LLaDAConfig):
+        super().__init__(config)
+        self.model = LLaDAModel(config)
+        self.gradient_checkpointing = False  # switched by `gradient_checkpointing_enable()`
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.transformer.wte
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.model.transformer.ff_out
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        """Logits from final hidden states (after ln_f); the refinement head reuses it."""
+        return self.model.transformer.ff_out(hidden)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        chunk_index: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+        return_logits: bool = True,
+        **unused,
+    ) -> LLaDAOutput:
+        """input_ids (B, L) or inputs_embeds (B, L, d); attention_mask (B, L) 1 = real token (this call's
+        positions only when a cache is passed); chunk_index (B, L) switches on block-causal attention."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        transformer = self.model.transformer
+        x = transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        checkpoint_fn = self._gradient_checkpointing_func if self.gradient_checkpointing and self.training else None
+        x, cache = run_blocks(
+            transformer.blocks,
+            x,
+            attention_mask=attention_mask,
+            chunk_index=chunk_index,
+            position_ids=position_ids,
+            past=past_key_values,
+            use_cache=use_cache,
+            rope_theta=self.config.rope_theta,
+            checkpoint_fn=checkpoint_fn,
+        )
+        hidden = transformer.ln_f(x)
+        return LLaDAOutput(
+            logits=transformer.ff_out(hidden) if return_logits else None,
+            last_hidden_state=hidden if output_hidden_states else None,
+            past_key_values=cache,
+        )

@@ -1,0 +1,39 @@
+"""Shared fixtures: small random LLaDA configs and the shipped tokenizer. Tests run on CPU in float32."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from llada_trm import LLaDAConfig, LLaDAModelLM  # noqa: E402
+from llada_trm.defaults import TINY_LLADA_PATH  # noqa: E402
+
+
+def make_config(**overrides) -> LLaDAConfig:
+    fields = dict(
+        d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=48, vocab_size=64, embedding_size=64,
+        rope_theta=10000.0, eos_token_id=1, pad_token_id=1, bos_token_id=0, mask_token_id=2,
+    )
+    fields.update(overrides)
+    return LLaDAConfig(**fields)
+
+
+@pytest.fixture
+def tiny_config() -> LLaDAConfig:
+    return make_config()
+
+
+@pytest.fixture
+def tiny_backbone(tiny_config) -> LLaDAModelLM:
+    torch.manual_seed(0)
+    return LLaDAModelLM(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def shipped_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY_LLADA_PATH)
