@@ -91,30 +91,34 @@ class LLaDABlock(nn.Module):
         return x, (k, v)
 
 
-def run_blocks(
-    blocks: nn.ModuleList,
-    x: Tensor,
-    *,
-    attention_mask: Tensor | None,
-    chunk_index: Tensor | None,
-    position_ids: Tensor | None,
-    past: KVCache | None,
-    use_cache: bool,
-    rope_theta: float,
-    checkpoint_fn=None,
-) -> tuple[Tensor, KVCache | None]:
-    """Run a stack of LLaDA blocks with key padding, block-causal masking and an optional KV cache.
+@dataclass
+class AttentionContext:
+    """What every layer of one forward call shares: the mask, RoPE angles and the keys' blocks and padding."""
 
-    Shared by the backbone and the refinement head. `attention_mask` (B, L) and `chunk_index` (B, L) describe
-    the L positions of this call only; the cache carries those of the earlier positions.
-    """
-    batch, length, _ = x.shape
+    allowed: Tensor | None  # (B, 1, L, past + L) bool, or None for unmasked bidirectional attention
+    rope: tuple[Tensor, Tensor]
+    key_blocks: Tensor  # (B, past + L)
+    key_is_real: Tensor  # (B, past + L)
+
+
+def attention_context(
+    batch: int,
+    length: int,
+    head_dim: int,
+    rope_theta: float,
+    *,
+    device: torch.device,
+    attention_mask: Tensor | None = None,
+    chunk_index: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    past: KVCache | None = None,
+) -> AttentionContext:
+    """Build the masks of one call. `attention_mask` (B, L) and `chunk_index` (B, L) describe the L positions of
+    this call only; the cache carries those of the earlier positions."""
     past_length = past.length if past is not None else 0
     if position_ids is None:
-        position_ids = torch.arange(past_length, past_length + length, device=x.device).expand(batch, length)
-    is_real = torch.ones(batch, length, dtype=torch.bool, device=x.device)
-    if attention_mask is not None:
-        is_real = attention_mask.bool()
+        position_ids = torch.arange(past_length, past_length + length, device=device).expand(batch, length)
+    is_real = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
     blocks_now = block_ids(chunk_index) if chunk_index is not None else torch.zeros_like(is_real, dtype=torch.long)
     key_blocks, key_is_real = blocks_now, is_real
     if past is not None:
@@ -123,18 +127,29 @@ def run_blocks(
     # Plain bidirectional attention over unpadded input needs no mask at all (the fastest SDPA path).
     needs_mask = chunk_index is not None or not bool(key_is_real.all())
     allowed = attention_allowed(blocks_now, key_blocks, key_is_real) if needs_mask else None
-    rope = rope_cos_sin(position_ids, blocks[0].head_dim, rope_theta)
+    return AttentionContext(allowed, rope_cos_sin(position_ids, head_dim, rope_theta), key_blocks, key_is_real)
+
+
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: Tensor,
+    context: AttentionContext,
+    past: KVCache | None = None,
+    use_cache: bool = False,
+    checkpoint_fn=None,
+) -> tuple[Tensor, KVCache | None]:
+    """Run a stack of LLaDA blocks; shared by the backbone and the refinement head's tiny transformer."""
     new_keys, new_values = [], []
     for i, block in enumerate(blocks):
         layer_past = (past.keys[i], past.values[i]) if past is not None else None
         if checkpoint_fn is not None:
-            x, (k, v) = checkpoint_fn(block.__call__, x, rope, allowed, layer_past)
+            x, (k, v) = checkpoint_fn(block.__call__, x, context.rope, context.allowed, layer_past)
         else:
-            x, (k, v) = block(x, rope, allowed, layer_past)
+            x, (k, v) = block(x, context.rope, context.allowed, layer_past)
         if use_cache:
             new_keys.append(k)
             new_values.append(v)
-    cache = KVCache(new_keys, new_values, key_blocks, key_is_real) if use_cache else None
+    cache = KVCache(new_keys, new_values, context.key_blocks, context.key_is_real) if use_cache else None
     return x, cache
 
 
@@ -217,17 +232,12 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         transformer = self.model.transformer
         x = transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         checkpoint_fn = self._gradient_checkpointing_func if self.gradient_checkpointing and self.training else None
-        x, cache = run_blocks(
-            transformer.blocks,
-            x,
-            attention_mask=attention_mask,
-            chunk_index=chunk_index,
-            position_ids=position_ids,
-            past=past_key_values,
-            use_cache=use_cache,
-            rope_theta=self.config.rope_theta,
-            checkpoint_fn=checkpoint_fn,
+        batch, length = x.shape[:2]
+        context = attention_context(
+            batch, length, self.config.head_dim, self.config.rope_theta, device=x.device,
+            attention_mask=attention_mask, chunk_index=chunk_index, position_ids=position_ids, past=past_key_values,
         )
+        x, cache = run_blocks(transformer.blocks, x, context, past_key_values, use_cache, checkpoint_fn)
         hidden = transformer.ln_f(x)
         return LLaDAOutput(
             logits=transformer.ff_out(hidden) if return_logits else None,

@@ -1,0 +1,293 @@
+"""LLaDATRMHybrid: a (frozen) LLaDA backbone + the recursive refinement head, trained with deep supervision.
+
+One vectorised pass covers every chunk and every refinement step: the backbone and the head both run
+block-causally (chunk k sees the prompt and chunks 0..k), which equals running the prompt plus chunks 0..k
+separately for each k. Logits are only formed at supervised positions, so memory is set by the reasoning
+tokens, not by the whole sequence. A frozen backbone runs in eval mode under `no_grad`, and checkpoints of it
+hold the head and a config naming the backbone, never the backbone's weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_hybrid import HybridConfig
+from .defaults import resolve_backbone_path
+from .head import RecursiveRefinementHead, RefinementState
+from .losses import chunk_token_weights, deep_supervision_loss
+from .modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
+
+HEAD_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class HybridOutput(ModelOutput):
+    loss: Tensor | None = None  # deep-supervision loss normalised over this batch (tau = 1, w = 1)
+    step_token_loss: Tensor | None = None  # (S, B, L) CE per step, 0 where unsupervised; attached to the graph
+    supervised_mask: Tensor | None = None  # (B, L) reasoning tokens, EOS included
+    chunk_weight: Tensor | None = None  # (B, L) c_t, 0 where unsupervised
+    final_label_prob: Tensor | None = None  # (B, L) p(label) at the last step, detached
+    backbone_token_loss: Tensor | None = None  # (B, L) CE of the backbone alone, detached
+    backbone_label_prob: Tensor | None = None  # (B, L) p(label) under the backbone alone, detached
+    final_predictions: Tensor | None = None  # (B, L) argmax of the last step at supervised positions, else -100
+    chunk_confidence: Tensor | None = None  # (S, B, K) mean max-probability of each chunk's tokens per step
+    steps_to_confidence: Tensor | None = None  # (B, K) steps needed to reach the confidence threshold
+    step_logits: Tensor | None = None  # (S, B, L, V) on request, 0 where unsupervised
+    backbone_logits: Tensor | None = None  # (B, L, V) on request, 0 where unsupervised
+    metrics: dict | None = None
+
+
+def _score(logits: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token CE, p(label), max probability and argmax from (N, V) logits, in fp32."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    max_log_prob, prediction = log_probs.max(dim=-1)
+    if targets is None:
+        zeros = torch.zeros_like(max_log_prob)
+        return zeros, zeros, max_log_prob.exp(), prediction
+    target_log_prob = log_probs.gather(1, targets[:, None]).squeeze(1)
+    return -target_log_prob, target_log_prob.exp().detach(), max_log_prob.exp().detach(), prediction
+
+
+class LLaDATRMHybrid(PreTrainedModel):
+    config: HybridConfig
+    config_class = HybridConfig
+    base_model_prefix = "hybrid"
+    _no_split_modules = ["LLaDABlock"]
+
+    def __init__(self, config: HybridConfig, backbone: LLaDAModelLM | None = None):
+        super().__init__(config)
+        if backbone is None:
+            backbone = LLaDAModelLM.from_pretrained(resolve_backbone_path(config.backbone_name_or_path))
+        config.resolve_head_shape(backbone.config.d_model)
+        config.validate_architecture()
+        self.backbone = backbone
+        self.head = RecursiveRefinementHead(config, backbone.config.d_model).to(
+            device=backbone.device, dtype=backbone.dtype
+        )
+        self.set_backbone_frozen(config.freeze_backbone)
+        self.post_init()
+
+    def init_weights(self):
+        """Nothing to initialise: the backbone comes pretrained and the head initialises itself."""
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        self.config.freeze_backbone = frozen
+        self.backbone.requires_grad_(not frozen)
+        if frozen:
+            self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            self.backbone.eval()  # no dropout or other training behaviour in a frozen backbone
+        return self
+
+    # ------------------------------------------------------------------ forward pieces
+    def backbone_hidden_states(self, input_ids, attention_mask, chunk_index, position_ids=None) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+            out = self.backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                chunk_index=chunk_index,
+                position_ids=position_ids,
+                output_hidden_states=True,
+                return_logits=False,
+            )
+        return out.last_hidden_state
+
+    def head_context(self, hidden: Tensor, attention_mask, chunk_index, position_ids=None, past=None):
+        batch, length = hidden.shape[:2]
+        head_dim = self.config.head_hidden_size // self.config.head_heads
+        return attention_context(
+            batch, length, head_dim, self.config.head_rope_theta, device=hidden.device,
+            attention_mask=attention_mask, chunk_index=chunk_index, position_ids=position_ids, past=past,
+        )
+
+    def step_logits_at(self, hidden: Tensor, y: Tensor) -> Tensor:
+        """Logits of one refinement step: the backbone's own LM head on h + out_proj(y)."""
+        return self.backbone.lm_head(hidden + self.head.out_proj(y))
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        chunk_index: Tensor | None = None,
+        labels: Tensor | None = None,
+        chunk_is_masked: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        return_logits: bool = False,
+        **unused,
+    ) -> HybridOutput:
+        """All chunks, all `max_recursive_steps` steps, one pass. Supervised positions are those with a label
+        (or, without labels, every reasoning position)."""
+        if chunk_index is None:
+            raise ValueError("LLaDATRMHybrid.forward needs `chunk_index` (from ChunkMaskingCollator)")
+        config = self.config
+        hidden = self.backbone_hidden_states(input_ids, attention_mask, chunk_index, position_ids)
+        context = self.head_context(hidden, attention_mask, chunk_index, position_ids)
+        x = self.head.in_proj(hidden)
+        supervised = labels != -100 if labels is not None else chunk_index >= 0
+        targets = labels[supervised] if labels is not None else None
+        hidden_sup = hidden[supervised]  # (N, d_model)
+
+        def one_step(y: Tensor, z: Tensor, steps_done: int):
+            state = self.head.step(RefinementState(y, z, steps_done), x, context)
+            logits = self.step_logits_at(hidden_sup, state.y[supervised])
+            return (state.y, state.z, *_score(logits, targets), logits if return_logits else None)
+
+        state = self.head.initial_state(x)
+        per_step = []
+        for _ in range(config.max_recursive_steps):
+            if config.detach_between_steps:
+                state = state.detached()
+            if config.checkpoint_refinement_steps and self.training:
+                outputs = checkpoint(one_step, state.y, state.z, state.steps_done, use_reentrant=False)
+            else:
+                outputs = one_step(state.y, state.z, state.steps_done)
+            state = RefinementState(outputs[0], outputs[1], state.steps_done + 1)
+            per_step.append(outputs[2:])
+
+        with torch.no_grad():
+            backbone_logits = self.backbone.lm_head(hidden_sup.detach())
+            backbone_ce, backbone_prob, _, _ = _score(backbone_logits, targets)
+        return self._assemble_output(
+            per_step, supervised, chunk_index, chunk_is_masked, backbone_ce, backbone_prob,
+            backbone_logits if return_logits else None, labels,
+        )
+
+    def _assemble_output(
+        self, per_step, supervised, chunk_index, chunk_is_masked, backbone_ce, backbone_prob, backbone_logits, labels
+    ) -> HybridOutput:
+        config = self.config
+        batch, length = supervised.shape
+
+        def spread(values: Tensor, fill: float = 0.0) -> Tensor:  # (N, ...) at supervised positions -> (B, L, ...)
+            full = values.new_full((batch, length, *values.shape[1:]), fill)
+            return full.masked_scatter(supervised.view(batch, length, *[1] * (values.dim() - 1)), values)
+
+        step_token_loss = torch.stack([spread(ce) for ce, *_ in per_step])
+        num_chunks = chunk_is_masked.shape[1] if chunk_is_masked is not None else int(chunk_index.max()) + 1
+        num_chunks = max(num_chunks, 1)
+        if chunk_is_masked is None:
+            chunk_is_masked = torch.zeros(batch, num_chunks, dtype=torch.bool, device=supervised.device)
+        chunk_weight = chunk_token_weights(
+            chunk_index, chunk_is_masked, config.deep_supervision_weight, config.unmasked_chunk_weight
+        ) * supervised
+        confidence = torch.stack(
+            [self._chunk_mean(spread(max_prob), supervised, chunk_index, num_chunks) for _, _, max_prob, _, _ in per_step]
+        )
+        output = HybridOutput(
+            step_token_loss=step_token_loss,
+            supervised_mask=supervised,
+            chunk_weight=chunk_weight,
+            final_label_prob=spread(per_step[-1][1]),
+            backbone_token_loss=spread(backbone_ce),
+            backbone_label_prob=spread(backbone_prob),
+            final_predictions=spread(per_step[-1][3], fill=-100),
+            chunk_confidence=confidence,
+            steps_to_confidence=self.steps_to_reach(confidence),
+            step_logits=torch.stack([spread(logits) for *_, logits in per_step]) if backbone_logits is not None else None,
+            backbone_logits=spread(backbone_logits) if backbone_logits is not None else None,
+        )
+        if labels is not None:
+            output.loss, _ = deep_supervision_loss(step_token_loss, chunk_weight, step_weighting=config.step_weighting)
+            output.metrics = micro_batch_metrics(output, labels, chunk_index, chunk_is_masked)
+        return output
+
+    @staticmethod
+    def _chunk_mean(values: Tensor, supervised: Tensor, chunk_index: Tensor, num_chunks: int) -> Tensor:
+        """Mean of (B, L) values over each chunk's supervised tokens -> (B, K)."""
+        batch = values.shape[0]
+        slot = chunk_index.clamp(min=0) + num_chunks * torch.arange(batch, device=values.device)[:, None]
+        weight = supervised.float()
+        sums = torch.zeros(batch * num_chunks, device=values.device).index_add_(0, slot.flatten(), (values * weight).flatten())
+        counts = torch.zeros(batch * num_chunks, device=values.device).index_add_(0, slot.flatten(), weight.flatten())
+        return (sums / counts.clamp(min=1)).view(batch, num_chunks)
+
+    def steps_to_reach(self, confidence: Tensor) -> Tensor:
+        """(S, B, K) per-step chunk confidence -> steps an adaptive decoder would use for each chunk."""
+        config = self.config
+        after_min = confidence[config.min_recursive_steps - 1 :] >= config.refine_confidence_threshold
+        first = after_min.float().argmax(dim=0) + config.min_recursive_steps
+        return torch.where(after_min.any(dim=0), first, torch.full_like(first, confidence.shape[0]))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, save_directory, state_dict: dict | None = None, **unused) -> None:
+        """Head weights + config; the backbone only when it is trained (official layout in `backbone/`)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        head_state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k.startswith("head.")}
+        self.config.backbone_in_checkpoint = not self.config.freeze_backbone
+        if self.config.backbone_in_checkpoint:
+            backbone_state = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+            self.backbone.save_pretrained(directory / "backbone", state_dict=backbone_state)
+        save_file(head_state, str(directory / HEAD_WEIGHTS), metadata={"format": "pt"})
+        self.config.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, path, backbone: LLaDAModelLM | None = None, dtype: torch.dtype | None = None, **unused):
+        path = Path(path)
+        config = HybridConfig.from_pretrained(path)
+        if backbone is None:
+            source = path / "backbone" if config.backbone_in_checkpoint else resolve_backbone_path(config.backbone_name_or_path)
+            backbone = LLaDAModelLM.from_pretrained(source, **({"dtype": dtype} if dtype is not None else {}))
+        model = cls(config, backbone)
+        weights_file = path / HEAD_WEIGHTS
+        if not weights_file.exists():
+            raise FileNotFoundError(f"{weights_file} not found: not a hybrid checkpoint directory")
+        head_state = {k[len("head."):]: v for k, v in load_file(str(weights_file)).items()}
+        expected = set(model.head.state_dict())
+        missing, unexpected = sorted(expected - set(head_state)), sorted(set(head_state) - expected)
+        if missing or unexpected:
+            raise CheckpointMismatchError(f"{weights_file}: missing head keys {missing}, unexpected keys {unexpected}")
+        model.head.load_state_dict(head_state)
+        return model
+
+    def num_parameters_by_part(self) -> dict[str, int]:
+        return {
+            "backbone": sum(p.numel() for p in self.backbone.parameters()),
+            "head": sum(p.numel() for p in self.head.parameters()),
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+        }
+
+
+def micro_batch_metrics(output: HybridOutput, labels: Tensor, chunk_index: Tensor, chunk_is_masked: Tensor) -> dict[str, float]:
+    """The per-micro-batch numbers of DESIGN 4.4 (unweighted token means), as Python floats."""
+    with torch.no_grad():
+        supervised = output.supervised_mask
+        count = supervised.sum().clamp(min=1)
+        in_masked_chunk = torch.gather(chunk_is_masked.bool(), 1, chunk_index.clamp(min=0)) & supervised
+        in_unmasked_chunk = supervised & ~in_masked_chunk
+        last = output.step_token_loss[-1]
+
+        def mean_over(values: Tensor, where: Tensor) -> float:
+            return float((values * where).sum() / where.sum().clamp(min=1))
+
+        real_chunks = output.chunk_confidence[-1] > 0
+        return {
+            "loss": float(output.loss),
+            "first_step_loss": mean_over(output.step_token_loss[0], supervised),
+            "last_step_loss": mean_over(last, supervised),
+            "masked_chunk_loss": mean_over(last, in_masked_chunk),
+            "masked_chunk_accuracy": mean_over((output.final_predictions == labels).float(), in_masked_chunk),
+            "unmasked_chunk_loss": mean_over(last, in_unmasked_chunk),
+            "backbone_loss": mean_over(output.backbone_token_loss, supervised),
+            "supervised_tokens": float(supervised.sum()),
+            "masked_token_fraction": float(in_masked_chunk.sum() / count),
+            "mean_steps_to_confidence": float(output.steps_to_confidence[real_chunks].float().mean())
+            if real_chunks.any()
+            else 0.0,
+        }
+

@@ -1,0 +1,54 @@
+"""The deep-supervision loss: unshifted CE at every refinement step, chunk weights, globally normalised.
+
+    L_s = sum_t tau_t c_t w_t l_{s,t} / N,  N = sum_t tau_t c_t over the *global* batch
+    L   = sum_s a_s L_s / sum_s a_s,        a_s = s (linear) or 1 (uniform)
+
+tau (truncation keep-mask) and w (token weights) are detached. Because L is linear in the per-token terms,
+the trainer can back-propagate the un-normalised sum of each micro-batch and divide the gradients by the
+global N once it is known: the gradient then does not depend on how the batch was split.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def chunk_token_weights(
+    chunk_index: Tensor, chunk_is_masked: Tensor, deep_supervision_weight: float, unmasked_chunk_weight: float
+) -> Tensor:
+    """c_t (B, L): 1 + deep_supervision_weight in masked chunks, unmasked_chunk_weight in the others, 0 outside."""
+    in_chunk = chunk_index >= 0
+    masked_here = torch.gather(chunk_is_masked.bool(), 1, chunk_index.clamp(min=0)) & in_chunk
+    weights = torch.where(masked_here, 1.0 + deep_supervision_weight, unmasked_chunk_weight)
+    return weights * in_chunk
+
+
+def step_weights(num_steps: int, scheme: str, device=None) -> Tensor:
+    """a_s for s = 1..num_steps: `linear` (a_s = s) favours the later, better-refined steps."""
+    steps = torch.arange(1, num_steps + 1, dtype=torch.float32, device=device)
+    return steps if scheme == "linear" else torch.ones_like(steps)
+
+
+def deep_supervision_loss(
+    step_token_loss: Tensor,
+    token_coefficient: Tensor,
+    token_weight: Tensor | None = None,
+    normalizer: Tensor | float | None = None,
+    step_weighting: str = "linear",
+) -> tuple[Tensor, Tensor]:
+    """Returns (loss, N). step_token_loss (S, B, L); token_coefficient = tau * c (B, L), 0 where unsupervised.
+
+    normalizer None: N is this batch's sum of tau * c; pass the global N (or 1.0 for the un-normalised sum).
+    With N = 0 the loss is a zero that is still attached to the graph, so backward works on every rank.
+    """
+    coefficient = token_coefficient.detach()
+    if token_weight is not None:
+        coefficient = coefficient * token_weight.detach()
+    per_step = (step_token_loss * coefficient).flatten(1).sum(dim=1)  # (S,)
+    a = step_weights(per_step.shape[0], step_weighting, per_step.device)
+    total = (a * per_step).sum() / a.sum()
+    count = token_coefficient.detach().sum() if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32)
+    if float(count) <= 0:
+        return total * 0.0, count
+    return total / count, count
