@@ -1,0 +1,640 @@
+"""Data pipeline: load reasoning records, split them into prompt and reasoning, lay them out in whole chunks.
+
+One sample is `[left pad][prompt][reasoning][EOS][EOS fill]`: the prompt is left-padded to a multiple of
+`chunk_size` so the reasoning starts on a chunk boundary, and the EOS run closes the last chunk (and is
+supervised: the model learns to stop). Samples are not right-padded here; the collator pads a batch with
+whole pad chunks.
+
+Notable choices:
+- prompt and reasoning are tokenised separately (and the prompt gets BOS, as in pretraining), so training
+  sees the prompt exactly as inference tokenises it on its own;
+- a bad record never stops the run silently nor trains with every label ignored: it gets a kind
+  (`BAD_KINDS`), is counted or raised per `--bad_sample_policy`, and one summary reports the counts;
+- tokenisation is one `datasets.map(batched=True)` per split, cached by datasets' fingerprinting for
+  file-backed sources (Hub, parquet, csv).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from jinja2.exceptions import TemplateError
+
+from .chat_spans import split_chat
+from .layout import MARKER, extract_answer, render_prompt, render_reasoning
+from .synthetic import SPLITS as SYNTHETIC_SPLITS
+from .synthetic import generate_split
+
+BAD_KINDS = (
+    "malformed_json", "missing_field", "empty_reasoning", "no_marker", "no_assistant_span", "prompt_too_long",
+    "invalid_tokens",
+)
+BAD_KIND_HINTS = {
+    "malformed_json": "fix or remove the line named in the message",
+    "missing_field": "map your columns with --question_field/--reasoning_field/--answer_field/--text_field/"
+    "--messages_field, or use a --dataset_name alias (gsm8k, natural_reasoning) with --dataset_path",
+    "empty_reasoning": "drop records whose reasoning is empty; there is nothing to supervise",
+    "no_marker": f"'text' records must contain the marker {MARKER!r}; use question/reasoning records otherwise",
+    "no_assistant_span": "pass --response_template with the assistant header your chat template writes",
+    "prompt_too_long": "raise --max_length or shorten the prompts",
+    "invalid_tokens": "pre-tokenised records need equal-length input_ids/labels with ids inside the vocabulary",
+}
+ALIAS_HUB_NAMES = {"natural_reasoning": ("facebook/natural_reasoning", None), "gsm8k": ("openai/gsm8k", "main")}
+LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SPLIT_WORDS = {"train": {"train"}, "validation": {"validation", "valid", "val", "dev", "eval"}, "test": {"test"}}
+_SPLIT_SPEC = re.compile(r"^(?P<name>[\w.-]+?)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+class DataError(ValueError):
+    """The data cannot be trained on as configured; the message says why and what to change."""
+
+
+class DataArgumentError(ValueError):
+    """An invalid data flag; the message names the flag."""
+
+
+class BadSample(Exception):
+    """One record that cannot become a training sample, with its kind (one of BAD_KINDS)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind, self.message = kind, message
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(default="synthetic", metadata=_help(
+        "synthetic (embedded, offline), natural_reasoning, gsm8k, a Hub dataset name, or a local "
+        ".jsonl/.json/.parquet/.csv file or directory"))
+    dataset_config: str | None = field(default=None, metadata=_help("Hub dataset configuration name"))
+    dataset_path: str | None = field(default=None, metadata=_help(
+        "local file or directory read with the field mapping of --dataset_name (gsm8k, natural_reasoning; "
+        "synthetic = the generic fields)"))
+    train_split: str = field(default="train", metadata=_help("training split; slices like train[:95%%] work"))
+    eval_split: str | None = field(default="validation", metadata=_help(
+        "evaluation split (e.g. validation, train[95%%:]); none to disable"))
+    question_field: str = field(default="question", metadata=_help("question field of question/reasoning records"))
+    reasoning_field: str = field(default="reasoning", metadata=_help("reasoning field (string or list of steps)"))
+    answer_field: str = field(default="answer", metadata=_help("final answer field (optional in records)"))
+    text_field: str = field(default="text", metadata=_help("field of text records that contain the marker"))
+    messages_field: str = field(default="messages", metadata=_help("field of chat records ([{role, content}])"))
+    response_template: str | None = field(default=None, metadata=_help(
+        "assistant header of your chat template, tried when the template-prefix method fails"))
+    max_length: int = field(default=512, metadata=_help("maximum sample length in tokens (whole chunks)"))
+    bad_sample_policy: str = field(default="skip", metadata=_help(
+        "error: stop at the first bad record; skip: drop and count it"))
+    max_bad_fraction: float = field(default=0.5, metadata=_help("stop when more than this fraction of records is bad"))
+    num_synthetic_train: int = field(default=2000, metadata=_help("synthetic train problems"))
+    num_synthetic_eval: int = field(default=200, metadata=_help("synthetic validation/test problems"))
+    max_samples: int | None = field(default=None, metadata=_help("use only the first N records of each split"))
+    preprocessing_num_workers: int | None = field(default=None, metadata=_help("processes for tokenisation"))
+    cache_dir: str | None = field(default=None, metadata=_help("datasets cache directory"))
+
+    def __post_init__(self):
+        if self.eval_split is not None and self.eval_split.strip().lower() in ("", "none"):
+            self.eval_split = None
+        self.dataset_path = self.dataset_path or None
+        self.response_template = self.response_template or None
+
+    def validate(self) -> None:
+        if self.max_length <= 0:
+            raise DataArgumentError(f"--max_length must be positive, got {self.max_length}")
+        if self.bad_sample_policy not in ("error", "skip"):
+            raise DataArgumentError(f"--bad_sample_policy must be error or skip, got {self.bad_sample_policy!r}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise DataArgumentError(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        for name in ("num_synthetic_train", "num_synthetic_eval", "max_samples", "preprocessing_num_workers"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise DataArgumentError(f"--{name} must be positive, got {value}")
+        if not self.dataset_name:
+            raise DataArgumentError("--dataset_name must not be empty")
+        if self.dataset_path and self.dataset_name not in ("synthetic", *ALIAS_HUB_NAMES):
+            raise DataArgumentError(
+                f"--dataset_path reads local files, so --dataset_name must name a field mapping "
+                f"(synthetic, {', '.join(ALIAS_HUB_NAMES)}), got {self.dataset_name!r}")
+        for flag in ("train_split", "eval_split"):
+            spec = getattr(self, flag)
+            if spec is not None and not _SPLIT_SPEC.match(spec):
+                raise DataArgumentError(f"--{flag} must be a split name, optionally sliced "
+                                        f"(train, train[:90%], train[-200:]), got {spec!r}")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def load_records(args: DataArguments, split: str) -> tuple[datasets.Dataset, str | None]:
+    """The raw records of `split` (a name, optionally sliced) and the alias whose field mapping applies."""
+    match = _SPLIT_SPEC.match(split)
+    if match is None:
+        raise DataArgumentError(f"split must be a name, optionally sliced like train[:90%], got {split!r}")
+    name = match["name"]
+    alias = args.dataset_name if args.dataset_name in ALIAS_HUB_NAMES else None
+    if args.dataset_path:
+        raw = _load_local(args.dataset_path, name, args.cache_dir)
+    elif args.dataset_name == "synthetic":
+        raw = _load_synthetic(name, args)
+    elif alias:
+        raw = _load_hub(*ALIAS_HUB_NAMES[alias], name, args.cache_dir)
+    elif _looks_like_path(args.dataset_name):
+        raw = _load_local(args.dataset_name, name, args.cache_dir)
+    else:
+        raw = _load_hub(args.dataset_name, args.dataset_config, name, args.cache_dir)
+    rows = range(len(raw))[_bound(match["start"], len(raw)) : _bound(match["stop"], len(raw))]
+    if args.max_samples is not None:
+        rows = rows[: args.max_samples]
+    return (raw if rows == range(len(raw)) else raw.select(rows)), alias
+
+
+def _bound(spec: str | None, n: int) -> int | None:
+    if spec is None:
+        return None
+    return round(n * int(spec[:-1]) / 100) if spec.endswith("%") else int(spec)
+
+
+def _load_synthetic(split: str, args: DataArguments) -> datasets.Dataset:
+    if split not in SYNTHETIC_SPLITS:
+        raise DataError(f"the synthetic data set has splits {sorted(SYNTHETIC_SPLITS)}, not {split!r}")
+    num = args.num_synthetic_train if split == "train" else args.num_synthetic_eval
+    return datasets.Dataset.from_list(generate_split(split, num, seed=0))
+
+
+def _looks_like_path(name: str) -> bool:
+    if Path(name).expanduser().exists():
+        return True
+    return name.endswith(tuple(LOCAL_EXTENSIONS)) or name.startswith((".", "/", "~"))
+
+
+def _is_offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags) or bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _is_connection_failure(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError)) or "Connect" in type(error).__name__:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _load_hub(name: str, config: str | None, split: str, cache_dir: str | None) -> datasets.Dataset:
+    """A Hub dataset; offline it may still come from the local cache, otherwise a DataError says what to do."""
+    try:
+        return datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+    except Exception as error:
+        if _is_offline() or _is_connection_failure(error):
+            raise DataError(
+                f"dataset {name!r} cannot be downloaded offline (HF_HUB_OFFLINE is set or the Hub is unreachable) "
+                f"and is not in the local cache. Use local files (--dataset_name path/to/data.jsonl, or "
+                f"--dataset_name gsm8k|natural_reasoning --dataset_path FILE) or the embedded data "
+                f"(--dataset_name synthetic). Cause: {error}") from error
+        raise DataError(f"could not load dataset {name!r} (config {config!r}, split {split!r}): {error}") from error
+
+
+def _load_local(path: str, split: str, cache_dir: str | None) -> datasets.Dataset:
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"local data {path!r}: no such file or directory")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in LOCAL_EXTENSIONS)
+    if not files:
+        raise DataError(f"{path}: no {'/'.join(LOCAL_EXTENSIONS)} files found")
+    formats = {LOCAL_EXTENSIONS.get(f.suffix) for f in files}
+    if None in formats:
+        raise DataError(f"{path}: unsupported file type; use {', '.join(LOCAL_EXTENSIONS)}")
+    if len(formats) > 1:
+        raise DataError(f"{path}: mixes {sorted(formats)} files; keep one format per directory")
+    files = _files_of_split(root, files, split)
+    if formats == {"json"}:
+        texts, sources = _read_json_files(files)
+        return datasets.Dataset.from_dict({"__json__": texts, "__source__": sources})
+    data_files = [str(f) for f in files]
+    return datasets.load_dataset(formats.pop(), data_files=data_files, split="train", cache_dir=cache_dir)
+
+
+def _files_of_split(root: Path, files: list[Path], split: str) -> list[Path]:
+    """A single file is the train split; in a directory, file/folder names say the split (else all are train)."""
+    if root.is_file():
+        if split != "train":
+            raise DataError(f"{root} is a single file, i.e. only a train split; asked for {split!r}. Slice it "
+                            f"(--train_split 'train[:95%%]' --eval_split 'train[95%%:]'), pass a directory with "
+                            f"train/validation files, or disable evaluation (--eval_split none)")
+        return files
+
+    def split_of(file: Path) -> str | None:
+        words = set(re.split(r"[^a-z]+", str(file.relative_to(root).with_suffix("")).lower()))
+        return next((name for name, keys in SPLIT_WORDS.items() if words & keys), None)
+
+    named = {f: split_of(f) for f in files}
+    if all(s is None for s in named.values()):
+        named = dict.fromkeys(files, "train")
+    unnamed = [f.name for f, s in named.items() if s is None]
+    if unnamed:
+        raise DataError(f"{root}: cannot tell the split of {', '.join(unnamed)}; name files after their split "
+                        f"(train, validation/valid/val/dev/eval, test) or keep only training files")
+    chosen = [f for f, s in named.items() if s == split]
+    if not chosen:
+        raise DataError(f"{root}: no file for split {split!r} (found: {', '.join(f.name for f in files)})")
+    return chosen
+
+
+def _read_json_files(files: list[Path]) -> tuple[list[str], list[str]]:
+    """Raw JSON texts with their 'file:line' source; parsed later so a malformed line is one bad sample."""
+    texts, sources = [], []
+    for file in files:
+        content = file.read_text(encoding="utf-8")
+        if file.suffix == ".json" and content.lstrip()[:1] in ("[", "{"):
+            try:
+                loaded = json.loads(content)
+            except json.JSONDecodeError as error:  # one broken document: the whole file is one bad sample
+                texts.append(content)
+                sources.append(f"{file}:{error.lineno}")
+                continue
+            items = loaded if isinstance(loaded, list) else [loaded]
+            texts.extend(json.dumps(item) for item in items)
+            sources.extend(f"{file}[{i}]" for i in range(len(items)))
+            continue
+        for lineno, line in enumerate(content.splitlines(), start=1):
+            if line.strip():
+                texts.append(line)
+                sources.append(f"{file}:{lineno}")
+    return texts, sources
+
+
+# ------------------------------------------------------------------------------------- records -> tokens
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything the per-batch preparation needs besides the tokenizer (hashed into the cache fingerprint)."""
+
+    chunk_size: int
+    max_length: int
+    question_field: str = "question"
+    reasoning_field: str = "reasoning"
+    answer_field: str = "answer"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    response_template: str | None = None
+    bad_sample_policy: str = "skip"
+    alias: str | None = None
+
+
+@dataclass
+class Parsed:
+    prompt_ids: list[int]
+    reasoning_ids: list[int]
+    answer: str
+    whole_assistant: bool = False
+
+
+def _adapt_gsm8k(record: dict, source: str) -> dict:
+    """gsm8k: `answer` holds the reasoning lines, then '#### <final>'."""
+    question, solution = _require(record, "question", source), _require(record, "answer", source)
+    steps, has_final, final = str(solution).partition("####")
+    return {"question": question, "reasoning": steps, "answer": final.strip() if has_final else None}
+
+
+def _adapt_natural_reasoning(record: dict, source: str) -> dict:
+    """natural_reasoning: the first model response is the reasoning, `reference_answer` the answer."""
+    responses = _require(record, "responses", source)
+    first = responses[0] if isinstance(responses, list) and responses else None
+    if not isinstance(first, dict) or first.get("response") is None:
+        raise BadSample("missing_field", f"{source}: missing field 'responses[0].response'")
+    answer = record.get("reference_answer")
+    return {"question": _require(record, "question", source), "reasoning": first["response"],
+            "answer": answer if answer not in (None, "") else None}
+
+
+ALIAS_ADAPTERS = {"gsm8k": _adapt_gsm8k, "natural_reasoning": _adapt_natural_reasoning}
+
+
+def _require(record: dict, name: str, source: str):
+    value = record.get(name)
+    if value is None:
+        found = ", ".join(sorted(k for k in record if not k.startswith("__"))) or "nothing"
+        raise BadSample("missing_field", f"{source}: missing field {name!r} (record has: {found})")
+    return value
+
+
+def _text_ids(tokenizer, text: str, bos: bool) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [tokenizer.bos_token_id, *ids] if bos and tokenizer.bos_token_id is not None else ids
+
+
+def _parse_question(record: dict, tokenizer, source: str, fields: tuple[str, str, str]) -> Parsed:
+    question_field, reasoning_field, answer_field = fields
+    question, reasoning = _require(record, question_field, source), _require(record, reasoning_field, source)
+    if not isinstance(reasoning, (str, list)) or (isinstance(reasoning, list)
+                                                  and not all(isinstance(s, str) for s in reasoning)):
+        raise BadSample("missing_field", f"{source}: field {reasoning_field!r} must be a string or a list of "
+                                         f"strings, got {type(reasoning).__name__}")
+    if not "".join(reasoning).strip():
+        raise BadSample("empty_reasoning", f"{source}: field {reasoning_field!r} is empty")
+    answer = record.get(answer_field)
+    answer = str(answer).strip() if answer is not None and str(answer).strip() else None
+    reasoning_text = render_reasoning(reasoning, answer)
+    prompt_ids = _text_ids(tokenizer, render_prompt(str(question)), bos=True)
+    known_answer = answer if answer is not None else extract_answer(reasoning_text)
+    return Parsed(prompt_ids, _text_ids(tokenizer, reasoning_text, bos=False), known_answer or "")
+
+
+def _parse_text(text, recipe: Recipe, tokenizer, source: str) -> Parsed:
+    before, found, after = str(text).partition(MARKER)
+    if not found:
+        raise BadSample("no_marker", f"{source}: field {recipe.text_field!r} does not contain the marker {MARKER!r}")
+    newline = "\n" if after.startswith("\n") else ""
+    reasoning = after[len(newline) :]
+    if not reasoning.strip():
+        raise BadSample("empty_reasoning", f"{source}: nothing follows the marker")
+    prompt_ids = _text_ids(tokenizer, before + MARKER + newline, bos=True)
+    return Parsed(prompt_ids, _text_ids(tokenizer, reasoning, bos=False), extract_answer(reasoning) or "")
+
+
+def _parse_messages(messages, recipe: Recipe, tokenizer, source: str) -> Parsed:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise BadSample("missing_field", f"{source}: field {recipe.messages_field!r} must be a list of "
+                                         f"{{role, content}} messages")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise BadSample("no_assistant_span", f"{source}: no message with role 'assistant'")
+    messages = messages[: last + 1]  # turns after the last reply have nothing to supervise
+    content = messages[-1].get("content")
+    if not isinstance(content, str):
+        raise BadSample("missing_field", f"{source}: the last assistant message needs a string 'content'")
+    reply = content.partition(MARKER)[2] if MARKER in content else content
+    if not reply.strip():
+        raise BadSample("empty_reasoning", f"{source}: the last assistant message has no reasoning")
+    try:
+        split = split_chat(tokenizer, messages, MARKER, recipe.response_template)
+    except TemplateError as error:
+        raise BadSample("no_assistant_span", f"{source}: the chat template failed: {error}") from error
+    if split is None:
+        raise BadSample("no_assistant_span", f"{source}: the assistant reply was found neither by the template-prefix "
+                                             f"method nor by a known assistant header (set --response_template)")
+    return Parsed(split.prompt_ids, split.reasoning_ids, extract_answer(reply) or "", not split.has_marker)
+
+
+def _parse_pretokenized(record: dict, tokenizer, source: str) -> Parsed:
+    ids = record["input_ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < len(tokenizer) for i in ids):
+        raise BadSample("invalid_tokens", f"{source}: input_ids must be token ids in [0, {len(tokenizer)})")
+    if record.get("labels") is not None:
+        labels = record["labels"]
+        if not isinstance(labels, list) or len(labels) != len(ids):
+            raise BadSample("invalid_tokens", f"{source}: labels and input_ids differ in length")
+        prompt_length = next((i for i, label in enumerate(labels) if label != -100), len(labels))
+        if labels[prompt_length:] != ids[prompt_length:]:
+            raise BadSample("invalid_tokens", f"{source}: after the leading -100 prompt, labels must equal "
+                                              f"input_ids (unshifted; diffusion LMs predict each position itself)")
+    elif record.get("prompt_length") is not None:
+        prompt_length = record["prompt_length"]
+        if not isinstance(prompt_length, int) or not 0 <= prompt_length <= len(ids):
+            raise BadSample("invalid_tokens", f"{source}: prompt_length must be in [0, {len(ids)}]")
+    else:
+        raise BadSample("missing_field", f"{source}: pre-tokenised records need 'labels' or 'prompt_length'")
+    reasoning = ids[prompt_length:]
+    while reasoning and reasoning[-1] == tokenizer.eos_token_id:
+        reasoning = reasoning[:-1]  # the layout appends its own EOS run
+    if not reasoning:
+        raise BadSample("empty_reasoning", f"{source}: no supervised tokens besides EOS")
+    return Parsed(ids[:prompt_length], reasoning, extract_answer(tokenizer.decode(reasoning)) or "")
+
+
+def parse_record(record: dict, recipe: Recipe, tokenizer, source: str) -> Parsed:
+    """Recognise the record's shape and split it into prompt and reasoning ids (raises BadSample)."""
+    if recipe.alias:
+        adapted = ALIAS_ADAPTERS[recipe.alias](record, source)
+        parsed = _parse_question(adapted, tokenizer, source, ("question", "reasoning", "answer"))
+    else:
+        if record.get("input_ids") is not None:
+            parsed = _parse_pretokenized(record, tokenizer, source)
+        elif record.get(recipe.messages_field) is not None:
+            parsed = _parse_messages(record[recipe.messages_field], recipe, tokenizer, source)
+        elif record.get(recipe.text_field) is not None:
+            parsed = _parse_text(record[recipe.text_field], recipe, tokenizer, source)
+        else:
+            fields = (recipe.question_field, recipe.reasoning_field, recipe.answer_field)
+            parsed = _parse_question(record, tokenizer, source, fields)
+        given_answer = "" if record.get(recipe.answer_field) is None else str(record[recipe.answer_field]).strip()
+        parsed.answer = given_answer or parsed.answer  # an explicit answer field beats the <answer> tag
+    if tokenizer.mask_token_id is not None and tokenizer.mask_token_id in (*parsed.prompt_ids, *parsed.reasoning_ids):
+        raise BadSample("invalid_tokens", f"{source}: contains the mask token {tokenizer.mask_token!r}; a "
+                                          f"ground-truth mask token cannot be told from a masked position")
+    return parsed
+
+
+def layout_sample(prompt_ids: list[int], reasoning_ids: list[int], *, chunk_size: int, max_length: int,
+                  pad_token_id: int, eos_token_id: int) -> dict:
+    """`[left pad][prompt][reasoning][EOS][EOS fill]` in whole chunks, cut to `max_length` (raises BadSample).
+
+    Too long: whole trailing chunks are dropped and the EOS is kept only if it still fits (an EOS after a cut
+    would teach the model to stop mid-thought).
+    """
+    pad = -len(prompt_ids) % chunk_size
+    budget = max_length // chunk_size * chunk_size - (pad + len(prompt_ids))
+    if budget < chunk_size:
+        raise BadSample("prompt_too_long", f"prompt of {len(prompt_ids)} tokens ({pad + len(prompt_ids)} padded to "
+                                           f"chunk_size {chunk_size}) leaves no room for one chunk in --max_length "
+                                           f"{max_length}")
+    body = [*reasoning_ids, eos_token_id]
+    body += [eos_token_id] * (-len(body) % chunk_size)
+    truncated = len(body) > budget
+    if truncated:
+        body = list(reasoning_ids[:budget])
+    prefix = pad + len(prompt_ids)
+    return {
+        "input_ids": [pad_token_id] * pad + list(prompt_ids) + body,
+        "attention_mask": [0] * pad + [1] * (len(prompt_ids) + len(body)),
+        "labels": [-100] * prefix + body,
+        "chunk_index": [-1] * prefix + [i // chunk_size for i in range(len(body))],
+        "num_chunks": len(body) // chunk_size,
+        "prompt_length": len(prompt_ids),
+        "truncated": truncated,
+    }
+
+
+PREPARED_FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "attention_mask": datasets.Sequence(datasets.Value("int8")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+    "chunk_index": datasets.Sequence(datasets.Value("int32")),
+    "num_chunks": datasets.Value("int32"),
+    "prompt_length": datasets.Value("int32"),
+    "answer": datasets.Value("string"),
+    "truncated": datasets.Value("bool"),
+    "_bad_kind": datasets.Value("string"),
+    "_bad_message": datasets.Value("string"),
+    "_whole_assistant": datasets.Value("bool"),
+})
+_EMPTY_ROW = {"input_ids": [], "attention_mask": [], "labels": [], "chunk_index": [], "num_chunks": 0,
+              "prompt_length": 0, "truncated": False}
+
+
+def prepare_batch(batch: dict[str, list], indices: list[int], recipe: Recipe, tokenizer) -> dict[str, list]:
+    """The `datasets.map` function: one output row per record, bad ones marked with their kind."""
+    out = {name: [] for name in PREPARED_FEATURES}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for position, index in enumerate(indices):
+        row = {key: values[position] for key, values in batch.items()}
+        source = row.get("__source__") or f"row {index}"
+        try:
+            record = _decode_json(row, source) if "__json__" in row else row
+            parsed = parse_record(record, recipe, tokenizer, source)
+            sample = layout_sample(parsed.prompt_ids, parsed.reasoning_ids, chunk_size=recipe.chunk_size,
+                                   max_length=recipe.max_length, pad_token_id=pad_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+            sample.update(answer=parsed.answer, _bad_kind="", _bad_message="", _whole_assistant=parsed.whole_assistant)
+        except BadSample as bad:
+            message = bad.message if bad.message.startswith(source) else f"{source}: {bad.message}"
+            if recipe.bad_sample_policy == "error":
+                raise DataError(f"bad sample ({bad.kind}) {message}. Fix: {BAD_KIND_HINTS[bad.kind]}; or "
+                                f"--bad_sample_policy skip to drop bad samples") from None
+            sample = dict(_EMPTY_ROW, answer="", _bad_kind=bad.kind, _bad_message=message, _whole_assistant=False)
+        for name in out:
+            out[name].append(sample[name])
+    return out
+
+
+def _decode_json(row: dict, source: str) -> dict:
+    try:
+        record = json.loads(row["__json__"])
+    except json.JSONDecodeError as error:
+        raise BadSample("malformed_json", f"{source}: malformed JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise BadSample("malformed_json", f"{source}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+# ------------------------------------------------------------------------------------ summary and entry
+
+@dataclass
+class PreprocessSummary:
+    split: str
+    chunk_size: int
+    max_length: int
+    total: int = 0
+    kept: int = 0
+    bad_counts: dict[str, int] = field(default_factory=dict)
+    bad_examples: dict[str, str] = field(default_factory=dict)  # first message of each kind
+    truncated: int = 0
+    whole_assistant: int = 0  # chat samples without the marker: the whole reply is reasoning
+    reasoning_chunks: int = 0
+    total_tokens: int = 0  # prompt, left pad and reasoning of every kept sample (no batch padding)
+
+    @property
+    def bad(self) -> int:
+        return sum(self.bad_counts.values())
+
+    @property
+    def mean_reasoning_chunks(self) -> float:
+        return self.reasoning_chunks / self.kept if self.kept else 0.0
+
+    @property
+    def supervised_tokens(self) -> int:
+        return self.reasoning_chunks * self.chunk_size  # every reasoning-region position is supervised
+
+    @property
+    def supervised_fraction(self) -> float:
+        return self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def most_common_bad_kind(self) -> str | None:
+        return max(self.bad_counts, key=self.bad_counts.get) if self.bad_counts else None
+
+    def format(self) -> str:
+        skipped = ", ".join(f"{kind} {n}" for kind, n in sorted(self.bad_counts.items(), key=lambda kv: -kv[1]))
+        lines = [f"data [{self.split}]: {self.total} records -> {self.kept} samples, {self.bad} skipped"
+                 + (f" ({skipped})" if skipped else "")]
+        for kind in sorted(self.bad_examples, key=lambda k: -self.bad_counts[k]):
+            lines.append(f"  e.g. {kind}: {self.bad_examples[kind]}")
+        lines.append(f"  truncated at --max_length {self.max_length}: {self.truncated}")
+        if self.whole_assistant:
+            lines.append(f"  chat samples without the marker (whole assistant reply is reasoning): "
+                         f"{self.whole_assistant}")
+        lines.append(f"  mean reasoning chunks: {self.mean_reasoning_chunks:.2f} (chunk_size {self.chunk_size}); "
+                     f"supervised tokens: {self.supervised_tokens} of {self.total_tokens} "
+                     f"({self.supervised_fraction:.1%})")
+        return "\n".join(lines)
+
+
+@dataclass
+class PreparedData:
+    dataset: datasets.Dataset
+    summary: PreprocessSummary
+
+
+def _column(dataset: datasets.Dataset, name: str) -> list:
+    return dataset.data.column(name).to_pylist()
+
+
+def _summarise(mapped: datasets.Dataset, split: str, chunk_size: int, max_length: int) -> PreprocessSummary:
+    summary = PreprocessSummary(split=split, chunk_size=chunk_size, max_length=max_length, total=len(mapped))
+    kinds, messages = _column(mapped, "_bad_kind"), _column(mapped, "_bad_message")
+    summary.bad_counts = dict(Counter(k for k in kinds if k))
+    for kind, message in zip(kinds, messages):
+        if kind:
+            summary.bad_examples.setdefault(kind, message)
+    good = [not k for k in kinds]
+    chunks, prompts = _column(mapped, "num_chunks"), _column(mapped, "prompt_length")
+    summary.kept = sum(good)
+    summary.truncated = sum(t for t, g in zip(_column(mapped, "truncated"), good) if g)
+    summary.whole_assistant = sum(w for w, g in zip(_column(mapped, "_whole_assistant"), good) if g)
+    summary.reasoning_chunks = sum(c for c, g in zip(chunks, good) if g)
+    summary.total_tokens = sum(-(-p // chunk_size) * chunk_size + c * chunk_size
+                               for p, c, g in zip(prompts, chunks, good) if g)
+    return summary
+
+
+def _check_usable(summary: PreprocessSummary, max_bad_fraction: float) -> None:
+    kind = summary.most_common_bad_kind()
+    example = (f" Most common kind: {kind} ({summary.bad_counts[kind]}), e.g. {summary.bad_examples[kind]}. "
+               f"Fix: {BAD_KIND_HINTS[kind]}.") if kind else ""
+    if summary.kept == 0:
+        raise DataError(f"no usable sample in split {summary.split!r} ({summary.total} records, all bad).{example}")
+    if summary.bad / summary.total > max_bad_fraction:
+        raise DataError(f"{summary.bad} of {summary.total} records in split {summary.split!r} are bad "
+                        f"({summary.bad / summary.total:.0%} > --max_bad_fraction {max_bad_fraction}).{example}")
+    if summary.supervised_tokens == 0:
+        raise DataError(f"split {summary.split!r} has no supervised token; nothing to train on.{example}")
+
+
+def _is_good(kinds: list[str]) -> list[bool]:
+    return [not kind for kind in kinds]
+
+
+def prepare_dataset(args: DataArguments, tokenizer, chunk_size: int, split: str) -> PreparedData:
+    """Load `split`, tokenise it into whole-chunk samples, count bad records and check the result is trainable."""
+    args.validate()
+    if chunk_size <= 0:
+        raise DataArgumentError(f"--chunk_size must be positive, got {chunk_size}")
+    if args.max_length < chunk_size:
+        raise DataArgumentError(f"--max_length ({args.max_length}) must hold at least one chunk of {chunk_size}")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; the layout closes every reasoning with EOS")
+    raw, alias = load_records(args, split)
+    if len(raw) == 0:
+        raise DataError(f"split {split!r} of {args.dataset_path or args.dataset_name!r} has no records")
+    recipe = Recipe(chunk_size=chunk_size, max_length=args.max_length, question_field=args.question_field,
+                    reasoning_field=args.reasoning_field, answer_field=args.answer_field, text_field=args.text_field,
+                    messages_field=args.messages_field, response_template=args.response_template,
+                    bad_sample_policy=args.bad_sample_policy, alias=alias)
+    mapped = raw.map(
+        functools.partial(prepare_batch, recipe=recipe, tokenizer=tokenizer),
+        batched=True, with_indices=True, remove_columns=raw.column_names, features=PREPARED_FEATURES,
+        num_proc=args.preprocessing_num_workers, desc=f"Tokenising {split}",
+    )
+    summary = _summarise(mapped, split, chunk_size, args.max_length)
+    _check_usable(summary, args.max_bad_fraction)
+    kept = mapped.filter(_is_good, input_columns="_bad_kind", batched=True, desc=f"Dropping bad {split} records")
+    kept = kept.remove_columns(["_bad_kind", "_bad_message", "_whole_assistant"])
+    kept = kept.add_column("sample_id", list(range(len(kept))))
+    return PreparedData(dataset=kept, summary=summary)
