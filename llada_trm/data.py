@@ -227,7 +227,7 @@ def _files_of_split(root: Path, files: list[Path], split: str) -> list[Path]:
     if root.is_file():
         if split != "train":
             raise DataError(f"{root} is a single file, i.e. only a train split; asked for {split!r}. Slice it "
-                            f"(--train_split 'train[:95%%]' --eval_split 'train[95%%:]'), pass a directory with "
+                            f"(--train_split 'train[:95%]' --eval_split 'train[95%:]'), pass a directory with "
                             f"train/validation files, or disable evaluation (--eval_split none)")
         return files
 
