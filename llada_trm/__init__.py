@@ -1,5 +1,7 @@
 """llada-trm: a frozen LLaDA masked-diffusion backbone with a recursive refinement head on 16-token chunks."""
 
+from transformers import AutoConfig, AutoModel
+
 from .collator import ChunkMaskingCollator
 from .configuration_hybrid import HybridConfig
 from .configuration_llada import LLaDAConfig, LLaDAConfigError
@@ -8,6 +10,10 @@ from .hybrid import HybridOutput, LLaDATRMHybrid
 from .modeling_llada import CheckpointMismatchError, LLaDAModelLM
 from .truncation import TruncationConfig, truncation_keep_mask
 from .weighting import WeightingConfig, token_weights
+
+# `AutoConfig` / `AutoModel` know the official model_type "llada" without trust_remote_code.
+AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
+AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 
 __all__ = [
     "ChunkMaskingCollator",

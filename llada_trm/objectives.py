@@ -1,0 +1,79 @@
+"""Training objectives as (un-normalised loss sum, normaliser) pairs, so the trainer can normalise globally.
+
+- `HybridObjective`: the deep-supervision loss (DESIGN 4.4) with truncation (tau) and token weights (w).
+  Its normaliser N = sum tau c needs the forward pass when truncation is on; `pre_count` (sum c, known from
+  the batch alone) lets the trainer scale the loss before backward, and corrects by pre/post afterwards.
+- `LLaDASFTObjective`: plain LLaDA SFT of the backbone alone (DESIGN 4.5), the comparison baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .diffusion import forward_mask, llada_sft_loss
+from .losses import chunk_token_weights, deep_supervision_loss
+from .truncation import TruncationConfig, TruncationDecision, truncation_decisions
+from .weighting import WeightingConfig, token_weights
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "chunk_index", "labels", "chunk_is_masked")
+
+
+@dataclass
+class MicroBatchResult:
+    loss_sum: Tensor  # attached to the graph; divided by the global normaliser in the trainer
+    count: Tensor  # this micro-batch's share of the normaliser (after truncation)
+    metrics: dict = field(default_factory=dict)
+    output: object = None
+    decision: TruncationDecision | None = None
+
+
+class HybridObjective:
+    def __init__(self, model_config, truncation: TruncationConfig, weighting: WeightingConfig):
+        self.config, self.truncation, self.weighting = model_config, truncation, weighting
+
+    def pre_count(self, batch: dict) -> Tensor:
+        """sum of c_t over supervised tokens, before truncation (computable without a forward pass)."""
+        weights = chunk_token_weights(
+            batch["chunk_index"], batch["chunk_is_masked"], self.config.deep_supervision_weight,
+            self.config.unmasked_chunk_weight,
+        )
+        return (weights * (batch["labels"] != -100)).sum().float()
+
+    def __call__(self, model, batch: dict, generator: torch.Generator | None) -> MicroBatchResult:
+        output = model(**{k: batch[k] for k in MODEL_INPUTS})
+        final_loss = output.step_token_loss[-1].detach()
+        decision = truncation_decisions(final_loss, output.supervised_mask, self.truncation, generator)
+        weights = None
+        if self.weighting.loss_weighting != "none":
+            weights = token_weights(
+                self.weighting, final_loss, decision.keep, output.final_label_prob, output.backbone_label_prob
+            )
+        coefficient = output.chunk_weight * decision.keep
+        loss_sum, _ = deep_supervision_loss(
+            output.step_token_loss, coefficient, weights, normalizer=1.0, step_weighting=self.config.step_weighting
+        )
+        return MicroBatchResult(loss_sum, coefficient.sum().float(), output.metrics, output, decision)
+
+
+class LLaDASFTObjective:
+    """Response tokens masked at one random rate per sequence; per-sequence CE / p_mask over response length."""
+
+    def __init__(self, mask_token_id: int):
+        self.mask_token_id = mask_token_id
+
+    @staticmethod
+    def pre_count(batch: dict) -> Tensor:
+        return torch.tensor(float(batch["input_ids"].shape[0]), device=batch["input_ids"].device)
+
+    def __call__(self, model, batch: dict, generator: torch.Generator | None) -> MicroBatchResult:
+        is_response = batch["labels"] != -100
+        targets = batch["labels"].where(is_response, batch["input_ids"])
+        noisy, is_masked, p_mask = forward_mask(targets, is_response, self.mask_token_id, generator)
+        logits = model(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
+        per_sequence_mean = llada_sft_loss(logits, targets, is_masked, p_mask, is_response)
+        count = self.pre_count(batch)
+        loss_sum = per_sequence_mean * count
+        return MicroBatchResult(loss_sum, count, {"loss": float(per_sequence_mean.detach()), "masked_tokens": float(is_masked.sum())})

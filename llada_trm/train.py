@@ -1,0 +1,72 @@
+"""Entry point of `train_llada_trm_hybrid_sft.py`: parse, train, print where the model is and how it does.
+
+User mistakes (bad flags, config files, data, paths) print one line on stderr and exit with code 2; a run
+stopped by repeated non-finite steps exits with code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .arguments import UsageError, parse_arguments
+from .configuration_hybrid import HybridConfigError
+from .configuration_llada import LLaDAConfigError
+from .data import DataArgumentError, DataError
+from .modeling_llada import CheckpointMismatchError
+from .trainer import Trainer, TrainingError
+
+USER_ERRORS = (UsageError, DataError, DataArgumentError, LLaDAConfigError, HybridConfigError,
+               CheckpointMismatchError, FileNotFoundError, OSError)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def print_summary(trainer: Trainer, summary: dict) -> None:
+    if not trainer.accelerator.is_main_process:
+        return
+    print("\n=== done ===")
+    print(f"steps: {summary['state']['global_step']} (empty {summary['state']['empty_steps']}, "
+          f"skipped {summary['state']['skipped_steps']})")
+    for key in sorted(k for k in summary if k.startswith("eval_")):
+        print(f"{key}: {summary[key]:.4f}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"model: {summary['model']}")
+    if trainer.args.model.objective == "hybrid":
+        sample_generation(trainer, summary["model"])
+        print(f"generate: python -m llada_trm.generate --checkpoint {summary['model']} --prompt \"<question>\"")
+
+
+def sample_generation(trainer: Trainer, model_dir: str) -> None:
+    """Decode one held-out question with the trained model, as a user would."""
+    data = trainer.eval_data or trainer.train_data
+    row = data.dataset[0]
+    prompt_ids = [i for i, c, a in zip(row["input_ids"], row["chunk_index"], row["attention_mask"]) if c < 0 and a]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    result = model.generate_with_refinement(prompt_ids, tokenizer=trainer.tokenizer,
+                                            max_length=trainer.args.train.eval_max_length)
+    print("sample prompt:", trainer.tokenizer.decode(prompt_ids, skip_special_tokens=True).strip().replace("\n", " "))
+    print("sample generation:", result.texts[0].strip().replace("\n", " | "))
+    print("reference answer:", row["answer"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_arguments(argv)
+    except ValueError as error:  # includes UsageError and HfArgumentParser's unknown-flag message
+        return _fail(str(error), 2)
+    try:
+        trainer = Trainer(args)
+        summary = trainer.train()
+    except TrainingError as error:
+        return _fail(str(error), 1)
+    except USER_ERRORS as error:
+        return _fail(str(error), 2)
+    print_summary(trainer, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

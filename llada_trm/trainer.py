@@ -1,0 +1,414 @@
+"""The training loop: accelerate for devices, precision, distribution and state; global loss normalisation.
+
+What is notable:
+- Global normalisation (DESIGN 4.4). Each optimiser step takes its whole accumulation window of micro-batches
+  first, so N (sum of chunk weights over supervised tokens, every micro-batch on every rank) is known before
+  any backward: each micro-batch back-propagates `loss_sum * world_size / N` (DDP averages over ranks).
+  Truncation removes tokens only during the forward pass, so the gradients are then rescaled by N / N_kept.
+  Gradients therefore do not depend on how the global batch is split into micro-batches or ranks.
+- Exact resume: mask draws are a pure function of (seed, epoch, sample_id), per-micro-batch generators of
+  (seed, step, micro-batch, rank); accelerate restores optimiser, scheduler, RNG and sampler, and the
+  trainer state records the position inside the epoch.
+- A window with nothing supervised is an empty step; a non-finite loss or gradient skips the optimiser
+  step; `--max_bad_steps` of those in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from .arguments import RunArguments, UsageError
+from .checkpointing import read_trainer_state, register_state_hooks, resolve_resume, save_checkpoint
+from .collator import ChunkMaskingCollator, mask_seed, pad_batch
+from .configuration_hybrid import HybridConfig
+from .data import prepare_dataset
+from .debug_view import debug_enabled, format_chunk_inspection
+from .defaults import resolve_backbone_path
+from .hybrid import LLaDATRMHybrid
+from .modeling_llada import LLaDAModelLM
+from .objectives import HybridObjective, LLaDASFTObjective
+from .truncation import TruncationLogger
+
+BATCH_COLUMNS = ("input_ids", "attention_mask", "labels", "chunk_index", "sample_id")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example: too many non-finite steps in a row)."""
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed (per process)
+    empty_steps: int = 0
+    skipped_steps: int = 0
+    bad_steps_in_a_row: int = 0
+
+
+def build_model(args: RunArguments):
+    m = args.model
+    backbone = LLaDAModelLM.from_pretrained(resolve_backbone_path(m.model_name_or_path))
+    if m.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    if m.use_lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UsageError("--use_lora needs the peft package: pip install peft") from None
+        backbone = get_peft_model(backbone, LoraConfig(
+            r=m.lora_r, lora_alpha=m.lora_alpha, target_modules=["q_proj", "k_proj", "v_proj", "attn_out"]))
+    if m.objective == "llada_sft":
+        return backbone
+    config = HybridConfig(
+        backbone_name_or_path=m.model_name_or_path, freeze_backbone=m.freeze_backbone and not m.use_lora,
+        chunk_size=m.chunk_size, head_hidden_size=m.head_hidden_size, head_layers=m.head_layers,
+        latent_steps=m.latent_steps, max_recursive_steps=m.max_recursive_steps,
+        min_recursive_steps=m.min_recursive_steps, refine_confidence_threshold=m.refine_confidence_threshold,
+        detach_between_steps=m.detach_between_steps, checkpoint_refinement_steps=m.checkpoint_refinement_steps,
+        deep_supervision_weight=m.deep_supervision_weight, unmasked_chunk_weight=m.unmasked_chunk_weight,
+        step_weighting=m.step_weighting,
+    )
+    return LLaDATRMHybrid(config, backbone)
+
+
+def micro_batch_generator(seed: int, step: int, micro: int, rank: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(mask_seed(seed, step, micro * 65536 + rank) % (2**63))
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory (always) plus accelerate's trackers; main process only."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str):
+        self.accelerator, self.path = accelerator, Path(output_dir) / "metrics.jsonl"
+
+    def write(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(numbers, step=record["step"])
+
+
+class Trainer:
+    def __init__(self, args: RunArguments):
+        self.args = args
+        m, t = args.model, args.train
+        precision = ("bf16" if torch.cuda.is_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision
+        # Several processes and no CUDA (torchrun / accelerate launch on CPU): gloo on CPU.
+        multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(
+            cpu=multi_process_cpu,
+            mixed_precision=precision,
+            log_with=None if t.report_to == "none" else t.report_to,
+            project_dir=t.output_dir,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        acc = self.accelerator
+        if args.truncation.enable and acc.distributed_type.name == "DEEPSPEED":
+            raise UsageError("token truncation rescales gradients after the forward pass, which DeepSpeed does not "
+                             "expose; use DDP or FSDP (configs/accelerate/) with truncation")
+        set_seed(t.seed)
+        self.say = print if acc.is_main_process else (lambda *a, **k: None)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(m.model_name_or_path))
+        with acc.main_process_first():
+            self.train_data = prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.train_split)
+            self.eval_data = (prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.eval_split)
+                              if args.data.eval_split else None)
+        self.say(self.train_data.summary.format())
+        if self.eval_data is not None:
+            self.say(self.eval_data.summary.format())
+
+        self.model = build_model(args)
+        mask_id, pad_id = self.tokenizer.mask_token_id, self.tokenizer.pad_token_id
+        if m.objective == "hybrid":
+            self.objective = HybridObjective(self.model.config, args.truncation, args.weighting)
+            self.collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed)
+            eval_collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed + 1)
+        else:
+            self.objective = LLaDASFTObjective(mask_id)
+            self.collator = eval_collator = _PadOnly(pad_id, m.chunk_size)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise UsageError("nothing to train: every parameter is frozen")
+        optimizer = torch.optim.AdamW(self.trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+        loader = self._loader(self.train_data.dataset, t.batch_size, True, self.collator)
+        self.model, self.optimizer, self.loader = acc.prepare(self.model, optimizer, loader)
+        self.eval_loader = (acc.prepare(self._loader(self.eval_data.dataset, t.eval_batch_size or t.batch_size, False,
+                                                     eval_collator)) if self.eval_data is not None else None)
+        steps_per_epoch = math.ceil(len(self.loader) / t.gradient_accumulation_steps)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * steps_per_epoch))
+        self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=int(t.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        register_state_hooks(acc)
+        self.state = TrainerState()
+        self.metrics = MetricsLog(acc, t.output_dir)
+        self.truncation_log = TruncationLogger(t.output_dir, args.truncation, acc.is_main_process)
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
+        dataset = dataset.select_columns([c for c in BATCH_COLUMNS if c in dataset.column_names])
+        generator = torch.Generator().manual_seed(self.args.train.seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator,
+                          num_workers=self.args.train.dataloader_num_workers)
+
+    # ------------------------------------------------------------------ one optimiser step
+    def train_step(self, window: list[dict]) -> dict:
+        acc, t = self.accelerator, self.args.train
+        pre_count = acc.reduce(sum(self.objective.pre_count(b) for b in window).to(acc.device), "sum")
+        scale = acc.num_processes / pre_count.clamp(min=1e-12)
+        loss_sum, kept, tokens, metric_sums, last = 0.0, 0.0, 0, {}, None
+        self.model.train()
+        for i, batch in enumerate(window):
+            generator = micro_batch_generator(t.seed, self.state.global_step, i, acc.process_index, acc.device)
+            sync = contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                result = self.objective(self.model, batch, generator)
+                acc.backward(result.loss_sum * scale)
+            loss_sum = loss_sum + result.loss_sum.detach().float()
+            kept = kept + result.count
+            tokens += int(batch["attention_mask"].sum())
+            for key, value in result.metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + value / len(window)
+            last = (batch, result)
+        kept_global = acc.reduce(torch.as_tensor(kept, device=acc.device, dtype=torch.float32), "sum")
+        loss_global = acc.reduce(torch.as_tensor(loss_sum, device=acc.device, dtype=torch.float32), "sum")
+        record = {"empty": False, "skipped": False, "tokens": tokens * acc.num_processes, **metric_sums}
+        if float(kept_global) == 0:
+            self.state.empty_steps += 1
+            record.update(empty=True, loss=0.0, grad_norm=0.0)
+        else:
+            if float(kept_global) != float(pre_count):  # truncation dropped tokens after the loss was scaled
+                for p in self.trainable:
+                    if p.grad is not None:
+                        p.grad.mul_(pre_count / kept_global)
+            loss = loss_global / kept_global
+            grad_norm = acc.clip_grad_norm_(self.trainable, t.max_grad_norm or float("inf"))
+            record.update(loss=float(loss), grad_norm=float(grad_norm))
+            if torch.isfinite(loss) and torch.isfinite(torch.as_tensor(grad_norm)):
+                self.optimizer.step()
+                self.state.bad_steps_in_a_row = 0
+            else:
+                record["skipped"] = True
+                self.state.skipped_steps += 1
+                self.state.bad_steps_in_a_row += 1
+                if self.state.bad_steps_in_a_row >= t.max_bad_steps:
+                    raise TrainingError(f"{self.state.bad_steps_in_a_row} optimiser steps in a row had a non-finite "
+                                        f"loss or gradient (--max_bad_steps {t.max_bad_steps}); lower the learning rate "
+                                        f"or check the data (docs/troubleshooting.md)")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        self._after_step(last, record)
+        return record
+
+    def _after_step(self, last, record: dict) -> None:
+        batch, result = last
+        if result.decision is not None:
+            truncation = self.truncation_log.maybe_log(
+                self.state.global_step, result.decision, batch["sample_id"],
+                result.output.step_token_loss[-1].detach(), result.output.supervised_mask)
+            if truncation:
+                record.update(truncation)
+        step, every = self.state.global_step, self.args.train.debug_every
+        if debug_enabled() and result.output is not None and (step <= 3 or step % every == 0):
+            self.say(format_chunk_inspection(self.tokenizer, batch, result.output, title=f"(step {step})"))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Eval loss (the training objective, no truncation), perplexity of the last step, backbone-only loss."""
+        acc = self.accelerator
+        self.model.eval()
+        sums = torch.zeros(4, device=acc.device)  # loss_sum, count, last-step CE sum, backbone CE sum
+        supervised = torch.zeros(1, device=acc.device)
+        for i, batch in enumerate(self.eval_loader):
+            generator = micro_batch_generator(self.args.train.seed, 0, i, acc.process_index, acc.device)
+            with acc.autocast():
+                result = self.objective(self.model, batch, generator)
+            sums[0] += result.loss_sum.float()
+            sums[1] += result.count
+            if result.output is not None:
+                sums[2] += result.output.step_token_loss[-1].sum().float()
+                sums[3] += result.output.backbone_token_loss.sum().float()
+                supervised += result.output.supervised_mask.sum()
+        sums, supervised = acc.reduce(sums, "sum"), acc.reduce(supervised, "sum")
+        self.model.train()
+        metrics = {"eval_loss": float(sums[0] / sums[1].clamp(min=1e-12))}
+        if float(supervised) > 0:
+            last_ce = float(sums[2] / supervised)
+            metrics.update(eval_last_step_loss=last_ce, eval_perplexity=math.exp(min(last_ce, 50)),
+                           eval_backbone_loss=float(sums[3] / supervised))
+        else:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+        return metrics
+
+    def answer_accuracy(self) -> dict:
+        """Exact-match accuracy with generate_with_refinement and with the backbone alone (main process)."""
+        t = self.args.train
+        if self.eval_data is None or t.eval_max_samples == 0 or not self.accelerator.is_main_process:
+            return {}
+        from .evaluation import answer_accuracy
+
+        model = self.accelerator.unwrap_model(self.model)
+        hybrid = model if isinstance(model, LLaDATRMHybrid) else _backbone_only_hybrid(model, self.args)
+        results = {}
+        for name, refine in (("refined", True), ("backbone", False)):
+            if name == "refined" and hybrid is not model:
+                continue
+            scores = answer_accuracy(hybrid, self.tokenizer, self.eval_data.dataset, max_length=t.eval_max_length,
+                                     enable_refinement=refine, batch_size=t.eval_batch_size or t.batch_size,
+                                     max_samples=t.eval_max_samples, progress=False)
+            results.update({f"eval_accuracy_{name}": scores["accuracy"]})
+            if refine:
+                results["eval_mean_refinement_steps"] = scores.get("mean_refinement_steps", 0.0)
+        model.train()
+        return results
+
+    # ------------------------------------------------------------------ the loop
+    def resume(self) -> None:
+        t = self.args.train
+        try:
+            checkpoint = resolve_resume(t.resume_from_checkpoint, t.output_dir)
+        except FileNotFoundError as error:
+            raise UsageError(str(error)) from None
+        if checkpoint is None:
+            if t.resume_from_checkpoint:
+                self.say(f"--resume_from_checkpoint {t.resume_from_checkpoint}: no checkpoint yet, starting fresh")
+            return
+        self.accelerator.load_state(str(checkpoint))
+        self.state = TrainerState(**read_trainer_state(checkpoint))
+        self.say(f"resumed from {checkpoint} at step {self.state.global_step}")
+
+    def _windows(self):
+        """Yield accumulation windows of micro-batches, epoch after epoch, from the recorded position."""
+        g = self.args.train.gradient_accumulation_steps
+        while True:
+            self.loader.set_epoch(self.state.epoch)
+            if hasattr(self.collator, "set_epoch"):
+                self.collator.set_epoch(self.state.epoch)
+            skip = self.state.batches_in_epoch
+            iterator = iter(self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
+            while True:
+                window = [b for _, b in zip(range(g), iterator)]
+                if not window:
+                    break
+                self.state.batches_in_epoch += len(window)
+                yield window
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+
+    def save(self) -> Path:
+        return save_checkpoint(self.accelerator, self.model, self.tokenizer, asdict(self.state),
+                               self.args.train.output_dir, self.args.train.save_total_limit)
+
+    def train(self, until_step: int | None = None) -> dict:
+        """Train to the end of the schedule, or stop (with a checkpoint) after `until_step` optimiser steps."""
+        t, acc = self.args.train, self.accelerator
+        stop_at = min(self.total_steps, until_step or self.total_steps)
+        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+        self.resume()
+        self._write_run_config()
+        if t.report_to != "none":
+            acc.init_trackers("llada-trm", config={"output_dir": t.output_dir})
+        progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_main_process,
+                        desc="training")
+        window_log, started = [], time.time()
+        windows = self._windows()
+        checkpoint, last_eval = None, {}
+        while self.state.global_step < stop_at:
+            record = self.train_step(next(windows))
+            window_log.append(record)
+            step = self.state.global_step
+            elapsed = max(time.time() - started, 1e-9)
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{sum(r['tokens'] for r in window_log) / elapsed:.0f}")
+            if step % t.logging_steps == 0 or step == stop_at:
+                self.metrics.write(self._summarise(window_log, elapsed))
+                window_log, started = [], time.time()
+            if t.eval_steps and step % t.eval_steps == 0 and self.eval_loader is not None:
+                last_eval = {**self.evaluate(), **self.answer_accuracy()}
+                self.metrics.write({"step": step, **last_eval})
+                self.say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+            if t.save_steps and step % t.save_steps == 0:
+                checkpoint = self.save()
+        progress.close()
+        if checkpoint is None or not checkpoint.name.endswith(f"-{self.state.global_step}"):
+            checkpoint = self.save()
+        if self.eval_loader is not None and not (t.eval_steps and self.state.global_step % t.eval_steps == 0):
+            last_eval = {**self.evaluate(), **self.answer_accuracy()}
+            self.metrics.write({"step": self.state.global_step, **last_eval})
+        final_model = self._export_final(checkpoint)
+        acc.end_training()
+        return {"checkpoint": str(checkpoint), "model": str(final_model), "state": asdict(self.state), **last_eval}
+
+    def _summarise(self, window_log: list[dict], elapsed: float) -> dict:
+        numeric = [k for k, v in window_log[-1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        record = {"step": self.state.global_step, "epoch": self.state.epoch,
+                  "learning_rate": self.scheduler.get_last_lr()[0],
+                  "tokens_per_second": sum(r["tokens"] for r in window_log) / elapsed,
+                  "empty_steps": self.state.empty_steps, "skipped_steps": self.state.skipped_steps}
+        for key in numeric:
+            if key != "tokens":
+                values = [r[key] for r in window_log if key in r]
+                record[key] = sum(values) / len(values)
+        return record
+
+    def _write_run_config(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        a = self.args
+        config = {"model": asdict(a.model), "data": asdict(a.data), "train": asdict(a.train),
+                  "truncation": a.truncation.to_dict(), "truncation_flags": a.truncation_flags,
+                  "weighting": asdict(a.weighting), "num_processes": self.accelerator.num_processes}
+        (Path(a.train.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        self.say(a.truncation.describe())
+
+    def _export_final(self, checkpoint: Path) -> Path:
+        """Copy the checkpoint's loadable model to output_dir/model (atomically replaced)."""
+        final = Path(self.args.train.output_dir) / "model"
+        if self.accelerator.is_main_process:
+            staging = final.with_name(".tmp-model")
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(checkpoint / "model", staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+class _PadOnly:
+    """Collator of the llada_sft baseline: padding only (the objective masks tokens itself)."""
+
+    def __init__(self, pad_token_id: int, chunk_size: int):
+        self.pad_token_id, self.chunk_size = pad_token_id, chunk_size
+
+    def __call__(self, features):
+        return pad_batch(features, self.pad_token_id, self.chunk_size)
+
+
+def _backbone_only_hybrid(backbone, args: RunArguments) -> LLaDATRMHybrid:
+    """Wrap a plain backbone with an untouched head (out_proj = 0), so chunk decoding uses the backbone alone."""
+    trainable = [p.requires_grad for p in backbone.parameters()]
+    config = HybridConfig(backbone_name_or_path=args.model.model_name_or_path, chunk_size=args.model.chunk_size)
+    hybrid = LLaDATRMHybrid(config, backbone)
+    for parameter, flag in zip(backbone.parameters(), trainable):  # wrapping must not freeze the trained backbone
+        parameter.requires_grad_(flag)
+    return hybrid

@@ -1,0 +1,184 @@
+"""Training program: end to end, exact resume, crash-safe checkpoints, two processes, usage errors, DEBUG view."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from llada_trm import LLaDAConfig, LLaDAModelLM, LLaDATRMHybrid
+from llada_trm.arguments import parse_arguments
+from llada_trm.checkpointing import complete_checkpoints, resolve_resume
+from llada_trm.defaults import TINY_LLADA_PATH
+from llada_trm.train import main
+from llada_trm.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    """A small random LLaDA with the shipped tokenizer: fast, and independent of the pretrained weights."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLADA_PATH)
+    config = LLaDAConfig(
+        d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=64, vocab_size=448, embedding_size=448,
+        rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, mask_token_id=tokenizer.mask_token_id,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("backbone")
+    LLaDAModelLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def base_args(backbone_dir, output_dir, *extra):
+    return [
+        "--model_name_or_path", str(backbone_dir), "--output_dir", str(output_dir),
+        "--num_synthetic_train", "32", "--num_synthetic_eval", "8", "--batch_size", "4",
+        "--max_recursive_steps", "2", "--min_recursive_steps", "1", "--head_hidden_size", "32",
+        "--eval_max_samples", "0", "--logging_steps", "1", "--max_length", "192", "--learning_rate", "0.01",
+        *extra,
+    ]
+
+
+def read_metrics(output_dir) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_cli_end_to_end_writes_checkpoint_and_metrics(backbone_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train_llada_trm_hybrid_sft.py"),
+         *base_args(backbone_dir, tmp_path, "--max_steps", "3", "--eval_max_samples", "2", "--eval_max_length", "96")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert complete_checkpoints(tmp_path)[-1].name == "checkpoint-3"
+    assert "eval_accuracy_refined" in result.stdout and "checkpoint:" in result.stdout
+    model = LLaDATRMHybrid.from_pretrained(tmp_path / "model")
+    assert model.config.backbone_name_or_path == str(backbone_dir)
+
+
+def test_frozen_backbone_checkpoint_holds_no_backbone_weights(backbone_dir, tmp_path):
+    Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "1"))).train()
+    from safetensors.torch import load_file
+
+    checkpoint = complete_checkpoints(tmp_path)[-1]
+    for file in (checkpoint / "model.safetensors", checkpoint / "model" / "model.safetensors"):
+        keys = load_file(str(file)).keys()
+        assert keys and all(k.startswith("head.") for k in keys), file
+
+
+def test_exact_resume_matches_the_uninterrupted_run(backbone_dir, tmp_path):
+    extra = ("--max_steps", "6", "--gradient_accumulation_steps", "2", "--num_synthetic_train", "24")
+    straight = Trainer(parse_arguments(base_args(backbone_dir, tmp_path / "straight", *extra)))
+    straight.train()
+
+    interrupted_dir = tmp_path / "interrupted"
+    Trainer(parse_arguments(base_args(backbone_dir, interrupted_dir, *extra))).train(until_step=3)
+    resumed = Trainer(parse_arguments(base_args(backbone_dir, interrupted_dir, *extra,
+                                                "--resume_from_checkpoint", "latest")))
+    resumed.train()
+
+    assert [r["loss"] for r in read_metrics(interrupted_dir)] == pytest.approx(
+        [r["loss"] for r in read_metrics(tmp_path / "straight")], rel=1e-6)
+    for a, b in zip(straight.model.head.parameters(), resumed.model.head.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(backbone_dir, tmp_path, monkeypatch):
+    trainer = Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "4", "--save_steps", "2")))
+    trainer.train(until_step=2)
+    assert resolve_resume("latest", str(tmp_path)).name == "checkpoint-2"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(trainer.tokenizer, "save_pretrained", crash)  # dies after accelerate state + weights
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert any(p.name.startswith(".tmp-checkpoint-") for p in tmp_path.iterdir())
+    restored = LLaDATRMHybrid.from_pretrained(resolve_resume("latest", str(tmp_path)) / "model")
+    assert restored.head.out_proj.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "flags,fragment",
+    [
+        (["--batch_size", "-1"], "--batch_size"),
+        (["--mask_probability", "1.5"], "--mask_probability"),
+        (["--chunk_size", "0"], "--chunk_size"),
+        (["--objective", "diffusion"], "--objective"),
+        (["--no_such_flag", "1"], "no_such_flag"),
+    ],
+)
+def test_invalid_flags_exit_2_with_the_flag_named(flags, fragment, capsys, tmp_path):
+    code = main(["--output_dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_unknown_yaml_key_exits_2_naming_file_and_key(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("batch_size: 4\nmask_probabilty: 0.3\n")
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "mask_probabilty" in err and str(config) in err
+
+
+def test_yaml_values_are_overridden_by_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("batch_size: 4\nmask_probability: 0.5\n")
+    args = parse_arguments(["--config", str(config), "--mask_probability", "0.2"])
+    assert args.train.batch_size == 4 and args.model.mask_probability == 0.2
+
+
+def test_usage_error_in_a_subprocess_has_exit_code_2_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train_llada_trm_hybrid_sft.py"), "--chunk_size", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--chunk_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_debug_view_shows_masking_and_per_chunk_weights(backbone_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DEBUG", "1")
+    Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "1"))).train()
+    out = capsys.readouterr().out
+    assert "Masked chunks: [" in out
+    assert any(line.startswith("Masked ") and "tokens (" in line for line in out.splitlines())
+    assert ", weight=1.30" in out and ", weight=1.00" in out
+    assert "Chunk 0/" in out and "predicted:" in out
+
+
+def test_llada_sft_baseline_trains_the_backbone(backbone_dir, tmp_path):
+    trainer = Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "2", "--objective",
+                                                "llada_sft", "--no_freeze_backbone")))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path))
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_loss_of_one_process_with_the_same_global_batch(backbone_dir, tmp_path):
+    def run(output_dir, processes, batch_size):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        args = base_args(backbone_dir, output_dir, "--max_steps", "3", "--batch_size", str(batch_size),
+                         "--num_synthetic_train", "24", "--eval_split", "none")
+        result = subprocess.run([*launcher, str(REPO / "train_llada_trm_hybrid_sft.py"), *args],
+                                capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [r["loss"] for r in read_metrics(output_dir)]
+
+    one = run(tmp_path / "one", 1, 4)
+    two = run(tmp_path / "two", 2, 2)
+    assert len(one) == 3 and two == pytest.approx(one, rel=1e-4)
