@@ -6,13 +6,16 @@ from .collator import ChunkMaskingCollator
 from .configuration_hybrid import HybridConfig
 from .configuration_llada import LLaDAConfig, LLaDAConfigError
 from .data import DataArguments, DataError, prepare_dataset
+from .evaluation import answer_accuracy
 from .hybrid import HybridOutput, LLaDATRMHybrid
 from .modeling_llada import CheckpointMismatchError, LLaDAModelLM
+from .refinement_decoding import RefinementOutput, generate_with_refinement
 from .truncation import TruncationConfig, truncation_keep_mask
 from .weighting import WeightingConfig, token_weights
 
 # `AutoConfig` / `AutoModel` know the official model_type "llada" without trust_remote_code.
 AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
+AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 
 __all__ = [
@@ -27,7 +30,10 @@ __all__ = [
     "LLaDAModelLM",
     "LLaDATRMHybrid",
     "TruncationConfig",
+    "RefinementOutput",
     "WeightingConfig",
+    "answer_accuracy",
+    "generate_with_refinement",
     "prepare_dataset",
     "token_weights",
     "truncation_keep_mask",

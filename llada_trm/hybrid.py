@@ -262,6 +262,19 @@ class LLaDATRMHybrid(PreTrainedModel):
             "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
         }
 
+    # ------------------------------------------------------------------ generation
+    def generate_with_refinement(self, prompt, **kwargs):
+        """Chunk-by-chunk decoding with the refinement head: `refinement_decoding.generate_with_refinement`."""
+        from .refinement_decoding import generate_with_refinement
+
+        return generate_with_refinement(self, prompt, **kwargs)
+
+    def generate(self, prompt, **kwargs):
+        """Plain LLaDA sampling with the backbone alone: `generation.generate`."""
+        from .generation import generate
+
+        return generate(self.backbone, prompt, **kwargs)
+
 
 def micro_batch_metrics(output: HybridOutput, labels: Tensor, chunk_index: Tensor, chunk_is_masked: Tensor) -> dict[str, float]:
     """The per-micro-batch numbers of DESIGN 4.4 (unweighted token means), as Python floats."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -76,15 +77,14 @@ class LLaDABlock(nn.Module):
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, L, d). Returns the new x and this call's (keys, values) including `past`."""
-        batch, length, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = rearrange(self.q_proj(h), "b l (h d) -> b h l d", d=self.head_dim)
+        k = rearrange(self.k_proj(h), "b l (h d) -> b h l d", d=self.head_dim)
+        v = rearrange(self.v_proj(h), "b l (h d) -> b h l d", d=self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        attended = attend(q, k, v, allowed).transpose(1, 2).reshape(batch, length, -1)
+        attended = rearrange(attend(q, k, v, allowed), "b h l d -> b l (h d)")
         x = x + self.attn_out(attended)
         h = self.ff_norm(x)
         x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))

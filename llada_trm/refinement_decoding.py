@@ -1,0 +1,475 @@
+"""Chunk-by-chunk decoding with the recursive refinement head (`generate_with_refinement`).
+
+A new chunk starts as `chunk_size` mask tokens. The backbone encodes it block-causally against the KV cache
+of the prompt and the committed chunks, the head refines it for an adaptive number of steps per row, and the
+chunk is committed. The committed chunk is then re-encoded as an ordinary unmasked chunk, through the backbone
+and through *all* refinement steps of the head, because that is how context chunks are seen in training: the
+vectorised pass runs every chunk through the full recursion, block-causally.
+
+Notable:
+- the re-encoding of a committed block (the prompt, then each chunk) shares one pass with the decoding of the
+  next masked chunk: block-causal attention keeps the block blind to the chunk after it, so this is exact and
+  saves a backbone pass and most head calls per chunk;
+- the head keeps one KV cache per call of its tiny transformer: call c of a masked chunk attends to the keys
+  call c produced for the context, exactly as in the vectorised training pass;
+- caches are immutable, so every refinement step and decode round of a chunk reads the same context;
+- rows are independent: each row keeps the logits of the step at which it stopped refining, and finished rows
+  leave the batch (their caches are dropped), so a batch decodes as each row would alone;
+- `use_cache=False` re-runs the whole sequence for every chunk: slow, but the reference the cache must equal;
+- the mask token is never committed: a committed chunk holding one would look like a masked chunk.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .attention import KVCache
+from .generation import commit_top_k, propose, transfer_schedule
+from .head import RefinementState
+from .layout import ANSWER_CLOSE, MARKER, render_prompt
+
+
+@dataclass
+class ChunkTrace:
+    chunk: int  # reasoning chunk index
+    round: int  # decode round inside the chunk (0 .. decode_steps_per_chunk - 1)
+    steps: int  # refinement steps used; 0 = backbone alone
+    confidence: list[float]  # chunk confidence after each step (the backbone's when steps == 0)
+
+
+@dataclass
+class RefinementOutput:
+    sequences: Tensor  # (B, T): left-padded prompt, generated tokens, pad after each row's end
+    new_tokens: list[list[int]]  # per row, the generated tokens (without the stopping EOS)
+    texts: list[str] | None  # per row, the decoded new tokens (with a tokenizer)
+    trace: list[list[ChunkTrace]] | None  # per row, one entry per chunk and decode round (return_trace)
+
+
+@dataclass
+class Caches:
+    """The context of the next chunk: the backbone's cache and one head cache per call of f (None: no head)."""
+
+    backbone: KVCache
+    head: list[KVCache] | None
+
+    def select(self, rows: Tensor) -> "Caches":
+        head = [cache.select_batch(rows) for cache in self.head] if self.head is not None else None
+        return Caches(self.backbone.select_batch(rows), head)
+
+
+@dataclass
+class Settings:
+    chunk_size: int
+    mask_id: int
+    eos_id: int | None
+    pad_id: int
+    refine: bool
+    use_cache: bool
+    min_steps: int
+    max_steps: int
+    threshold: float
+    temperature: float
+    rounds: int
+    answer_close_id: int | None  # `</answer>` as one token, else found in the decoded text
+    tokenizer: object | None
+    ignore_eos: bool
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def _resolve_settings(model, tokenizer, enable_refinement, use_cache, temperature, decode_steps_per_chunk,
+                      refine_confidence_threshold, min_recursive_steps, max_recursive_steps, ignore_eos) -> Settings:
+    config, backbone_config = model.config, model.backbone.config
+    chunk_size = config.chunk_size
+    min_steps = config.min_recursive_steps if min_recursive_steps is None else min_recursive_steps
+    max_steps = config.max_recursive_steps if max_recursive_steps is None else max_recursive_steps
+    threshold = refine_confidence_threshold
+    threshold = config.refine_confidence_threshold if threshold is None else threshold
+    if isinstance(decode_steps_per_chunk, bool) or not isinstance(decode_steps_per_chunk, int) \
+            or not 1 <= decode_steps_per_chunk <= chunk_size:
+        raise ValueError(f"decode_steps_per_chunk must be an integer from 1 to chunk_size ({chunk_size}), "
+                         f"got {decode_steps_per_chunk!r}")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not (isinstance(min_steps, int) and isinstance(max_steps, int) and 1 <= min_steps <= max_steps):
+        raise ValueError(f"need 1 <= min_recursive_steps <= max_recursive_steps, got {min_steps} and {max_steps}")
+    if not threshold >= 0:
+        raise ValueError(f"refine_confidence_threshold must be >= 0, got {threshold}")
+    eos_id = backbone_config.eos_token_id
+    if eos_id is None and tokenizer is not None:
+        eos_id = tokenizer.eos_token_id
+    pad_id = backbone_config.pad_token_id
+    if pad_id is None and tokenizer is not None:
+        pad_id = tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    return Settings(
+        chunk_size=chunk_size, mask_id=backbone_config.mask_token_id, eos_id=eos_id, pad_id=pad_id,
+        refine=enable_refinement, use_cache=use_cache, min_steps=min_steps, max_steps=max_steps,
+        threshold=float(threshold), temperature=float(temperature), rounds=decode_steps_per_chunk,
+        answer_close_id=_single_token_id(tokenizer, ANSWER_CLOSE), tokenizer=tokenizer, ignore_eos=ignore_eos,
+    )
+
+
+def _single_token_id(tokenizer, text: str) -> int | None:
+    if tokenizer is None:
+        return None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def _encode_text(text: str, tokenizer) -> list[int]:
+    """A question is rendered into the prompt layout; a text with the marker is used as it is. BOS first, as the
+    data pipeline tokenises prompts."""
+    if not text.strip():
+        raise ValueError("empty prompt: generation needs a question or a prompt text")
+    if MARKER not in text:
+        text = render_prompt(text)
+    elif text.rstrip(" ").endswith(MARKER):
+        text = text.rstrip(" ") + "\n"  # training prompts always end with the newline after the marker
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+
+
+def prompt_token_lists(prompt, tokenizer, pad_id: int) -> list[list[int]]:
+    """str | list[str] | list[int] | list[list[int]] | LongTensor (L,) or (B, L) -> one token list per row.
+
+    Leading pad tokens of id prompts are taken as left padding and dropped.
+    """
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer: pass tokenizer=... or token ids")
+        return [_encode_text(p, tokenizer) for p in prompt]
+    if isinstance(prompt, Tensor):
+        if prompt.dim() not in (1, 2) or prompt.is_floating_point() or prompt.dtype == torch.bool:
+            raise ValueError(f"a tensor prompt must hold integer token ids of shape (L,) or (B, L), "
+                             f"got {prompt.dtype} {tuple(prompt.shape)}")
+        rows = [prompt.tolist()] if prompt.dim() == 1 else prompt.tolist()
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        rows = [list(prompt)]
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(r, (list, tuple, Tensor)) for r in prompt):
+        rows = [r.tolist() if isinstance(r, Tensor) else list(r) for r in prompt]
+    elif isinstance(prompt, (list, tuple)) and not prompt:
+        raise ValueError("empty prompt: no rows given")
+    else:
+        raise ValueError(f"prompt must be a str, a list of str, or token ids (list or LongTensor), got {type(prompt)}")
+    stripped = []
+    for i, row in enumerate(rows):
+        start = next((j for j, t in enumerate(row) if t != pad_id), len(row))
+        if start == len(row):
+            raise ValueError(f"empty prompt: row {i} has no token besides padding")
+        stripped.append([int(t) for t in row[start:]])
+    return stripped
+
+
+def _padded(length: int, chunk_size: int) -> int:
+    return -(-length // chunk_size) * chunk_size
+
+
+def new_token_budgets(rows: list[list[int]], max_length: int, max_new_tokens: int | None, chunk_size: int,
+                      max_sequence_length: int) -> list[int]:
+    """Tokens each row may generate: up to `max_length` in total (prompt included) or `max_new_tokens`, and
+    never past the model's maximum sequence length (whole chunks after the row's padded prompt)."""
+    budgets, capped = [], False
+    for i, row in enumerate(rows):
+        padded = _padded(len(row), chunk_size)
+        if padded + chunk_size > max_sequence_length:
+            raise ValueError(f"prompt row {i} has {len(row)} tokens ({padded} padded to chunk_size {chunk_size}): "
+                             f"with one chunk of {chunk_size} it is longer than the model's max_sequence_length "
+                             f"({max_sequence_length})")
+        if max_new_tokens is not None:
+            wanted = max_new_tokens
+        elif max_length <= len(row):
+            raise ValueError(f"max_length ({max_length}) must be larger than the prompt ({len(row)} tokens in row {i})")
+        else:
+            wanted = max_length - len(row)
+        room = (max_sequence_length - padded) // chunk_size * chunk_size
+        capped |= len(row) + wanted > max_sequence_length  # not for the rounding to whole chunks at the end
+        budgets.append(min(wanted, room))
+    if capped:
+        warnings.warn(f"generation is limited to the model's max_sequence_length ({max_sequence_length})", stacklevel=4)
+    return budgets
+
+
+def left_pad(rows: list[list[int]], chunk_size: int, pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Rows left-padded to a common multiple of chunk_size: ids (B, P) and attention mask (B, P), 1 = real."""
+    width = max(_padded(len(row), chunk_size) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ------------------------------------------------------------------------------------------ model passes
+
+
+def drop_last(cache: KVCache, n: int) -> KVCache:
+    """The cache without its last n positions (the masked chunk that shared a pass with the block encoded)."""
+    return KVCache([k[:, :, :-n] for k in cache.keys], [v[:, :, :-n] for v in cache.values],
+                   cache.key_blocks[:, :-n], cache.key_is_real[:, :-n])
+
+
+def chunk_confidence(logits: Tensor) -> Tensor:
+    """(n, C, V) -> (n,): mean over the chunk's tokens of the max softmax probability."""
+    return logits.float().softmax(dim=-1).amax(dim=-1).mean(dim=-1)
+
+
+@dataclass
+class PassResult:
+    logits: Tensor  # (n, C, V) of the masked chunk, at the step each row stopped at
+    steps: Tensor  # (n,) refinement steps used; 0 = backbone alone
+    confidence: Tensor  # (n, S) chunk confidence after every step run
+    caches: Caches | None  # `past` extended by the positions before the masked chunk (with `extend_cache`)
+
+
+def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor, past: Caches | None,
+                settings: Settings, extend_cache: bool) -> PassResult:
+    """One pass over `ids` = [block, masked chunk]; the masked chunk (the last `chunk_size` positions) is refined
+    with adaptive steps per row.
+
+    With `extend_cache`, the block (the prompt or the chunk committed last) is appended to the caches: through the
+    backbone and through every call of all `max_steps` refinement steps, as an unmasked chunk runs in training.
+    Block-causal attention keeps the block independent of the masked chunk, so sharing the pass changes nothing
+    for either and saves one backbone pass and the shared head calls per chunk. Without `extend_cache`, `ids` is
+    either the masked chunk alone (a later decode round) or the whole sequence (the uncached reference).
+    """
+    size = settings.chunk_size
+    out = model.backbone(
+        input_ids=ids, attention_mask=attention_mask, chunk_index=chunk_index,
+        past_key_values=past.backbone if past is not None else None,
+        use_cache=extend_cache, output_hidden_states=True, return_logits=False,
+    )
+    hidden = out.last_hidden_state
+    chunk_hidden = hidden[:, -size:]
+    backbone_cache = drop_last(out.past_key_values, size) if extend_cache else None
+    if not settings.refine:
+        logits = model.backbone.lm_head(chunk_hidden)
+        steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
+        caches = Caches(backbone_cache, None) if extend_cache else None
+        return PassResult(logits, steps, chunk_confidence(logits)[:, None], caches)
+
+    past_head = past.head if past is not None else None
+
+    def context_of(length: int):
+        return model.head_context(hidden[:, :length], attention_mask[:, :length], chunk_index[:, :length],
+                                  past=past_head[0] if past_head else None)
+
+    context = context_of(ids.shape[1])
+    x = model.head.in_proj(hidden)
+    state = model.head.initial_state(x)
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
+    chosen, confidences = None, []
+    head_caches: list[KVCache] | None = [] if extend_cache else None
+    for step in range(1, settings.max_steps + 1):
+        decoding = not bool(done.all())
+        if not decoding and not extend_cache:
+            break
+        if not decoding and state.y.shape[1] == ids.shape[1]:
+            # Every row has stopped refining: the block alone goes on to max_steps.
+            block = ids.shape[1] - size
+            x, context = x[:, :block], context_of(block)
+            state = RefinementState(state.y[:, :block], state.z[:, :block], state.steps_done)
+        calls: list[KVCache] | None = [] if extend_cache else None
+        state = model.head.step(state, x, context, caches=past_head, collect_caches=calls)
+        if extend_cache:
+            head_caches += [drop_last(cache, size) for cache in calls] if decoding else calls
+        if decoding:
+            logits = model.step_logits_at(chunk_hidden, state.y[:, -size:])
+            confidence = chunk_confidence(logits)
+            confidences.append(confidence)
+            # Rows that already stopped keep the logits of their stopping step; the others take this step's.
+            chosen = logits if chosen is None else torch.where(done[:, None, None], chosen, logits)
+            steps = torch.where(done, steps, step)
+            done |= (step >= settings.min_steps) & (confidence >= settings.threshold)
+    caches = Caches(backbone_cache, head_caches) if extend_cache else None
+    return PassResult(chosen, steps, torch.stack(confidences, dim=1), caches)
+
+
+# ------------------------------------------------------------------------------------------ stopping
+
+
+def stop_length(tokens: list[int], chunk_start: int, settings: Settings) -> int | None:
+    """Tokens to keep when the chunk just committed (tokens[chunk_start:]) ends the row, else None.
+
+    EOS ends a row before itself; `</answer>` after itself (by token id, or by text when it is several tokens).
+    """
+    if settings.ignore_eos:
+        return None
+    for i in range(chunk_start, len(tokens)):
+        if tokens[i] == settings.eos_id:
+            return i
+        if tokens[i] == settings.answer_close_id:
+            return i + 1
+    tokenizer = settings.tokenizer
+    if settings.answer_close_id is None and tokenizer is not None and ANSWER_CLOSE in tokenizer.decode(tokens):
+        for i in range(chunk_start, len(tokens)):
+            if ANSWER_CLOSE in tokenizer.decode(tokens[: i + 1]):
+                return i + 1
+    return None
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+class ChunkDecoder:
+    """The state of one batched decoding run: active rows, their caches, committed tokens and traces."""
+
+    def __init__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, budgets: list[int], settings: Settings,
+                 generator: torch.Generator | None, return_trace: bool):
+        self.model, self.settings, self.generator = model, settings, generator
+        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
+        self.device = prompt_ids.device
+        self.budgets = budgets
+        batch = len(budgets)
+        self.generated: list[list[int]] = [[] for _ in range(batch)]
+        self.keep = list(budgets)  # tokens of each row that end up in the output
+        self.trace = [[] for _ in range(batch)] if return_trace else None
+        self.active = torch.arange(batch, device=self.device)
+        self.chunks: list[Tensor] = []  # committed chunks (B, C) of the whole batch, pad for finished rows
+        # With the cache: `caches` hold everything before `pending`, the block (ids, mask, chunk index) that the
+        # next pass appends while it decodes the next chunk. First the prompt, then each committed chunk.
+        self.caches: Caches | None = None
+        self.pending = (prompt_ids, prompt_mask, torch.full_like(prompt_ids, -1)) if settings.use_cache else None
+
+    def run(self) -> int:
+        """Decode chunk by chunk until every row has finished; returns the number of chunks run."""
+        size = self.settings.chunk_size
+        num_chunks = -(-max(self.budgets) // size)
+        for k in range(num_chunks):
+            chunk = self.decode_chunk(k)  # (n, C) for the active rows
+            full = torch.full((len(self.budgets), size), self.settings.pad_id, dtype=torch.long, device=self.device)
+            full[self.active] = chunk
+            self.chunks.append(full)
+            still_running = self.update_rows(k, chunk)
+            self.active = self.active[still_running]
+            if len(self.active) == 0:
+                return k + 1
+            if self.settings.use_cache:
+                self.caches = self.caches.select(still_running)
+                kept = chunk[still_running]
+                self.pending = (kept, torch.ones_like(kept), torch.full_like(kept, k))
+        return num_chunks
+
+    def decode_chunk(self, k: int) -> Tensor:
+        """Commit chunk k of the active rows over `rounds` decode rounds, most confident tokens first."""
+        settings, size = self.settings, self.settings.chunk_size
+        n = len(self.active)
+        current = torch.full((n, size), settings.mask_id, dtype=torch.long, device=self.device)
+        schedule = transfer_schedule(torch.full((n,), size, device=self.device), settings.rounds)  # (n, rounds)
+        for r in range(settings.rounds):
+            ids, mask, chunk_index, extend_cache = self.model_inputs(k, current)
+            result = refine_pass(self.model, ids, mask, chunk_index, self.caches, settings, extend_cache)
+            if extend_cache:
+                self.caches, self.pending = result.caches, None
+            logits, steps, confidence = result.logits.clone(), result.steps, result.confidence
+            logits[..., settings.mask_id] = -torch.inf
+            x0, token_confidence = propose(logits, current, settings.mask_id, settings.temperature, "low_confidence",
+                                           self.generator)
+            current = commit_top_k(current, x0, token_confidence, schedule[:, r])
+            if self.trace is not None:
+                for row, used, row_confidence in zip(self.active.tolist(), steps.tolist(), confidence.tolist()):
+                    self.trace[row].append(ChunkTrace(k, r, used, row_confidence[: max(used, 1)]))
+        return current
+
+    def model_inputs(self, k: int, current: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """ids, attention mask and chunk index of the pass that decodes chunk k, and whether it extends the cache."""
+        chunk_index = torch.full_like(current, k)
+        if self.settings.use_cache:
+            if self.pending is None:  # a later decode round: the chunk alone against the cache
+                return current, torch.ones_like(current), chunk_index, False
+            ids, mask, block_index = self.pending
+            return (torch.cat((ids, current), 1), torch.cat((mask, torch.ones_like(current)), 1),
+                    torch.cat((block_index, chunk_index), 1), True)
+        # No cache: the prompt, every committed chunk and this one, recomputed.
+        rows = self.active
+        ids = torch.cat([self.prompt_ids[rows], *(c[rows] for c in self.chunks), current], dim=1)
+        mask = torch.cat([self.prompt_mask[rows], torch.ones(len(rows), (k + 1) * current.shape[1],
+                                                              dtype=torch.long, device=self.device)], dim=1)
+        reasoning_chunks = torch.arange(k + 1, device=self.device).repeat_interleave(current.shape[1])
+        chunk_index = torch.cat([torch.full_like(self.prompt_ids[rows], -1),
+                                 reasoning_chunks.expand(len(rows), -1)], dim=1)
+        return ids, mask, chunk_index, False
+
+    def update_rows(self, k: int, chunk: Tensor) -> Tensor:
+        """Record chunk k of each active row and decide who stops; returns the keep mask (n,) of the active rows."""
+        running = []
+        for row, chunk_tokens in zip(self.active.tolist(), chunk.tolist()):
+            tokens = self.generated[row]
+            start = len(tokens)
+            tokens.extend(chunk_tokens)
+            stop = stop_length(tokens, start, self.settings)
+            self.keep[row] = min(stop if stop is not None else len(tokens), self.budgets[row])
+            running.append(stop is None and len(tokens) < self.budgets[row])
+        return torch.tensor(running, dtype=torch.bool, device=self.device)
+
+    def output(self, num_chunks: int) -> RefinementOutput:
+        settings = self.settings
+        new_tokens = [tokens[:keep] for tokens, keep in zip(self.generated, self.keep)]
+        width = self.prompt_ids.shape[1]
+        sequences = torch.full((len(new_tokens), width + num_chunks * settings.chunk_size), settings.pad_id,
+                               dtype=torch.long, device=self.device)
+        sequences[:, :width] = self.prompt_ids
+        for b, tokens in enumerate(new_tokens):
+            sequences[b, width: width + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        texts = None
+        if settings.tokenizer is not None:
+            texts = [settings.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new_tokens]
+        return RefinementOutput(sequences, new_tokens, texts, self.trace)
+
+
+@torch.no_grad()
+def generate_with_refinement(
+    model,
+    prompt,
+    tokenizer=None,
+    max_length: int = 512,
+    enable_refinement: bool = True,
+    use_cache: bool = True,
+    temperature: float = 0.0,
+    decode_steps_per_chunk: int = 1,
+    refine_confidence_threshold: float | None = None,
+    min_recursive_steps: int | None = None,
+    max_recursive_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    return_trace: bool = False,
+    max_new_tokens: int | None = None,
+    ignore_eos: bool = False,
+) -> RefinementOutput:
+    """Decode reasoning chunk by chunk with an `LLaDATRMHybrid`.
+
+    prompt: a question or prompt text (str, or a list of them; needs `tokenizer`), or token ids (a list, a list
+    of lists, or a LongTensor (L,) / (B, L)). A text without the marker is rendered as a question.
+    max_length: total tokens per row, prompt included (`max_new_tokens` instead counts new tokens only).
+    enable_refinement: False decodes with the backbone's logits alone (same chunk-by-chunk schedule).
+    use_cache: False recomputes the whole sequence for every chunk (the reference the cached path equals).
+    temperature: 0 commits the argmax, otherwise tokens are sampled with `generator`.
+    decode_steps_per_chunk: rounds per chunk; each commits the most confident still-masked tokens.
+    refine_confidence_threshold / min_recursive_steps / max_recursive_steps: adaptive refinement, per row and
+    chunk; defaults from model.config.
+    ignore_eos: keep decoding to the length limit after EOS or `</answer>` (benchmarks).
+    """
+    settings = _resolve_settings(model, tokenizer, enable_refinement, use_cache, temperature, decode_steps_per_chunk,
+                                 refine_confidence_threshold, min_recursive_steps, max_recursive_steps, ignore_eos)
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    rows = prompt_token_lists(prompt, tokenizer, settings.pad_id)
+    budgets = new_token_budgets(rows, max_length, max_new_tokens, settings.chunk_size,
+                                model.backbone.config.max_sequence_length)
+    prompt_ids, prompt_mask = left_pad(rows, settings.chunk_size, settings.pad_id, model.device)
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = ChunkDecoder(model, prompt_ids, prompt_mask, budgets, settings, generator, return_trace)
+        return decoder.output(decoder.run())
+    finally:
+        model.train(was_training)

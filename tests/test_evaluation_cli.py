@@ -1,0 +1,171 @@
+"""answer_accuracy on a model whose answer is known, and the generate / evaluate command lines."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+from conftest import make_config
+
+from llada_trm import LLaDAModelLM
+from llada_trm.configuration_hybrid import HybridConfig
+from llada_trm.data import layout_sample
+from llada_trm.evaluation import answer_accuracy, prompt_ids_of
+from llada_trm.hybrid import LLaDATRMHybrid
+from llada_trm.layout import render_prompt
+
+CHUNK = 4
+QUESTIONS = ["Mia has 3 apples.", "Leo finds 4 coins.", "Ava has 2 books and buys 5 more."]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    return [tokenizer.bos_token_id, *tokenizer(render_prompt(question), add_special_tokens=False)["input_ids"]]
+
+
+def prepared_row(tokenizer, question: str, reasoning_ids: list[int], answer: str) -> dict:
+    row = layout_sample(prompt_ids(tokenizer, question), reasoning_ids, chunk_size=CHUNK, max_length=128,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return dict(row, answer=answer)
+
+
+@pytest.fixture(scope="module")
+def answering_model(shipped_tokenizer) -> LLaDATRMHybrid:
+    """A tiny backbone overfitted to reason `<answer>7</answer>` in one chunk after any question; the head is
+    fresh (zero out_proj), so hybrid and backbone answer the same."""
+    torch.manual_seed(0)
+    backbone = LLaDAModelLM(make_config(vocab_size=448, embedding_size=448, max_sequence_length=128))
+    target = shipped_tokenizer("<answer>7</answer>", add_special_tokens=False)["input_ids"]
+    rows = [prepared_row(shipped_tokenizer, q, target, "7") for q in QUESTIONS]
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def column(name, fill):
+        return torch.tensor([r[name] + [fill] * (width - len(r[name])) for r in rows])
+
+    labels, chunk_index = column("labels", -100), column("chunk_index", -1)
+    masked = torch.full_like(labels, shipped_tokenizer.mask_token_id)
+    inputs = torch.where(labels != -100, masked, column("input_ids", 1))
+    optimizer = torch.optim.Adam(backbone.parameters(), lr=1e-2)
+    for _ in range(150):
+        logits = backbone(input_ids=inputs, attention_mask=column("attention_mask", 0), chunk_index=chunk_index).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    config = HybridConfig(chunk_size=CHUNK, max_recursive_steps=2, min_recursive_steps=1, head_hidden_size=16,
+                          head_heads=2)
+    model = LLaDATRMHybrid(config, backbone=backbone.eval()).eval()
+    out = model.generate_with_refinement(QUESTIONS + ["Zoe has 9 shells."], tokenizer=shipped_tokenizer, max_length=100)
+    assert out.texts == ["<answer>7</answer>"] * 4, "the overfitted model should answer 7"
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dirs(answering_model, shipped_tokenizer, tmp_path_factory):
+    """(hybrid checkpoint, backbone directory), each with the tokenizer files."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    answering_model.backbone.save_pretrained(root / "backbone")
+    shipped_tokenizer.save_pretrained(root / "backbone")
+    answering_model.config.backbone_name_or_path = str(root / "backbone")
+    answering_model.save_pretrained(root / "hybrid")
+    shipped_tokenizer.save_pretrained(root / "hybrid")
+    return root / "hybrid", root / "backbone"
+
+
+def rows_with_answers(tokenizer, answers: list[str]) -> list[dict]:
+    reasoning = tokenizer("3 + 4 = 7.", add_special_tokens=False)["input_ids"]
+    return [prepared_row(tokenizer, QUESTIONS[i % 3], reasoning, a) for i, a in enumerate(answers)]
+
+
+def test_prompt_ids_are_the_real_prompt_region(shipped_tokenizer):
+    rows = rows_with_answers(shipped_tokenizer, ["7"] * 3)
+    assert any(row["attention_mask"][0] == 0 for row in rows)  # some prompts are left-padded to a chunk boundary
+    assert [prompt_ids_of(row) for row in rows] == [prompt_ids(shipped_tokenizer, q) for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_answer_accuracy_scores_exact_matches(answering_model, shipped_tokenizer, refine):
+    def score(answers, **kwargs):
+        return answer_accuracy(answering_model, shipped_tokenizer, rows_with_answers(shipped_tokenizer, answers),
+                               max_length=100, enable_refinement=refine, batch_size=2, progress=False, **kwargs)
+
+    right = score(["7", " 7 ", "7"])
+    assert right["accuracy"] == 1.0 and right["correct"] == 3 and right["num_samples"] == 3
+    assert right["new_tokens"] == 3 * 3 and right["tokens_per_second"] > 0
+    assert 1 <= right["mean_refinement_steps"] <= 2 if refine else right["mean_refinement_steps"] == 0.0
+    assert score(["8", "70", "seven"])["accuracy"] == 0.0
+    mixed = score(["7", "8", "", "7"], max_samples=3)
+    assert (mixed["accuracy"], mixed["num_samples"], mixed["skipped_no_reference"]) == (0.5, 2, 1)
+
+
+def test_answer_accuracy_reads_a_prepared_dataset(answering_model, shipped_tokenizer):
+    dataset = datasets.Dataset.from_list(rows_with_answers(shipped_tokenizer, ["7", "9"]))
+    result = answer_accuracy(answering_model, shipped_tokenizer, dataset, max_length=100, progress=False)
+    assert result["accuracy"] == 0.5
+
+
+def run_module(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV, input=stdin,
+                          timeout=300)
+
+
+def test_generate_cli_prints_the_answer(checkpoint_dirs):
+    checkpoint, _ = checkpoint_dirs
+    result = run_module("llada_trm.generate", "--checkpoint", str(checkpoint), "--prompt", "Mia has 3 apples.",
+                        "--max_length", "100")
+    assert result.returncode == 0, result.stderr
+    assert "Answer: 7" in result.stdout.splitlines()
+
+
+def test_generate_cli_missing_checkpoint_is_a_one_line_error(tmp_path):
+    result = run_module("llada_trm.generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "nope" in result.stderr
+
+
+def test_generate_cli_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, checkpoint_dirs, capsys):
+    from llada_trm.generate import main
+
+    _, backbone = checkpoint_dirs
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "hi"]) == 2
+    assert main(["--checkpoint", str(backbone), "--prompt", "hi"]) == 2  # a plain LLaDA model
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "config.json" in errors[0] and "not a hybrid checkpoint" in errors[1]
+
+
+def test_generate_cli_modes(checkpoint_dirs, capsys, monkeypatch):
+    from llada_trm.generate import main
+
+    checkpoint, backbone = checkpoint_dirs
+    assert main(["--checkpoint", str(checkpoint), "--prompt", "Leo finds 4 coins.", "--trace", "--no_refinement",
+                 "--max_length", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "Answer: 7" in out and "chunk 0: 0 steps" in out
+    assert main(["--backbone", str(backbone), "--prompt", "Leo finds 4 coins.", "--temperature", "0.5",
+                 "--seed", "3", "--max_length", "100"]) == 0
+    assert "Answer: " in capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Mia has 3 apples.\nAva has 2 books.\n\nnever read\n"))
+    assert main(["--checkpoint", str(checkpoint), "--chat", "--max_length", "100"]) == 0
+    assert capsys.readouterr().out.count("Answer: 7") == 2
+
+
+def test_evaluate_cli_reports_both_modes(checkpoint_dirs, tmp_path, capsys):
+    from llada_trm.evaluate import main
+
+    checkpoint, _ = checkpoint_dirs
+    records = [{"question": q, "reasoning": ["3 + 4 = 7."], "answer": a} for q, a in zip(QUESTIONS, ["7", "7", "8"])]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    assert main(["--checkpoint", str(checkpoint), "--dataset_path", str(data), "--split", "train",
+                 "--max_length", "100", "--no_progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = {line[:16].strip(): line[16:].split() for line in lines[-2:]}
+    assert table["refinement"][:3] == ["0.667", "2", "3"] and table["backbone only"][:3] == ["0.667", "2", "3"]
+    assert main(["--checkpoint", str(checkpoint), "--dataset_name", "synthetic", "--split", "test",
+                 "--max_samples", "2", "--max_length", "100", "--no_progress"]) == 0
+    assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
