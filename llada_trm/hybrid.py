@@ -9,7 +9,6 @@ hold the head and a config naming the backbone, never the backbone's weights.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
