@@ -15,9 +15,6 @@ from typing import TYPE_CHECKING
 
 import datasets
 
-from .synthetic import SPLITS as SYNTHETIC_SPLITS
-from .synthetic import generate_split
-
 if TYPE_CHECKING:
     from .data import DataArguments
 
@@ -65,6 +62,10 @@ def _bound(spec: str | None, n: int) -> int | None:
 
 
 def _load_synthetic(split: str, args: DataArguments) -> datasets.Dataset:
+    # Imported here so that `python -m llada_trm.synthetic` does not find its module already imported.
+    from .synthetic import SPLITS as SYNTHETIC_SPLITS
+    from .synthetic import generate_split
+
     if split not in SYNTHETIC_SPLITS:
         raise DataError(f"the synthetic data set has splits {sorted(SYNTHETIC_SPLITS)}, not {split!r}")
     num = args.num_synthetic_train if split == "train" else args.num_synthetic_eval
