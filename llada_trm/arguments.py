@@ -49,7 +49,8 @@ class ModelArguments:
     min_recursive_steps: int = field(default=2, metadata=_help("refinement steps before an early stop"))
     refine_confidence_threshold: float = field(default=0.9, metadata=_help("stop refining a chunk at this confidence"))
     detach_between_steps: bool = field(default=True, metadata=_help("detach y and z between refinement steps"))
-    checkpoint_refinement_steps: bool = field(default=False, metadata=_help("recompute each step in backward"))
+    checkpoint_refinement_steps: bool | None = field(default=None, metadata=_help(
+        "recompute each refinement step in backward: memory flat in the number of steps (default: with detaching)"))
     deep_supervision_weight: float = field(default=0.3, metadata=_help("masked chunks weigh 1 + this"))
     unmasked_chunk_weight: float = field(default=1.0, metadata=_help("weight of unmasked chunks"))
     step_weighting: str = field(default="linear", metadata=_help("linear (a_s = s) or uniform"))

@@ -37,7 +37,9 @@ class HybridConfig(PreTrainedConfig):
     min_recursive_steps: int = 2
     refine_confidence_threshold: float = 0.9
     detach_between_steps: bool = True
-    checkpoint_refinement_steps: bool = False
+    # None: on exactly when detach_between_steps is on. Detached steps only need their own activations in the
+    # backward pass, and recomputing each step there keeps memory flat in the number of steps.
+    checkpoint_refinement_steps: bool | None = None
     # Deep-supervision loss
     deep_supervision_weight: float = 0.3
     unmasked_chunk_weight: float = 1.0
@@ -51,6 +53,12 @@ class HybridConfig(PreTrainedConfig):
             self.head_heads = max(1, self.head_hidden_size // 64)
         if self.head_mlp_hidden_size is None:
             self.head_mlp_hidden_size = 3 * self.head_hidden_size
+
+    @property
+    def recompute_steps(self) -> bool:
+        if self.checkpoint_refinement_steps is None:
+            return self.detach_between_steps
+        return self.checkpoint_refinement_steps
 
     def validate_architecture(self):
         positive = ("chunk_size", "head_layers", "latent_steps", "max_recursive_steps", "min_recursive_steps")

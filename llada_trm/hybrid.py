@@ -132,13 +132,30 @@ class LLaDATRMHybrid(PreTrainedModel):
         (or, without labels, every reasoning position)."""
         if chunk_index is None:
             raise ValueError("LLaDATRMHybrid.forward needs `chunk_index` (from ChunkMaskingCollator)")
-        config = self.config
         hidden = self.backbone_hidden_states(input_ids, attention_mask, chunk_index, position_ids)
-        context = self.head_context(hidden, attention_mask, chunk_index, position_ids)
-        x = self.head.in_proj(hidden)
         supervised = labels != -100 if labels is not None else chunk_index >= 0
         targets = labels[supervised] if labels is not None else None
         hidden_sup = hidden[supervised]  # (N, d_model)
+        per_step = self.refine_supervised(hidden, attention_mask, chunk_index, supervised, targets, position_ids,
+                                          return_logits)
+        with torch.no_grad():
+            backbone_logits = self.backbone.lm_head(hidden_sup.detach())
+            backbone_ce, backbone_prob, _, _ = _score(backbone_logits, targets)
+        return self._assemble_output(
+            per_step, supervised, chunk_index, chunk_is_masked, backbone_ce, backbone_prob,
+            backbone_logits if return_logits else None, labels,
+        )
+
+    def refine_supervised(
+        self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False
+    ) -> list[tuple]:
+        """The head over every chunk for all `max_recursive_steps` steps; per step, at the supervised positions:
+        (CE, p(label), max probability, argmax, logits or None). Each step is recomputed in the backward pass
+        when `recompute_steps` is on, so activation memory does not grow with the number of steps."""
+        config = self.config
+        context = self.head_context(hidden, attention_mask, chunk_index, position_ids)
+        x = self.head.in_proj(hidden)
+        hidden_sup = hidden[supervised]
 
         def one_step(y: Tensor, z: Tensor, steps_done: int):
             state = self.head.step(RefinementState(y, z, steps_done), x, context)
@@ -150,20 +167,13 @@ class LLaDATRMHybrid(PreTrainedModel):
         for _ in range(config.max_recursive_steps):
             if config.detach_between_steps:
                 state = state.detached()
-            if config.checkpoint_refinement_steps and self.training:
+            if config.recompute_steps and self.training and torch.is_grad_enabled():
                 outputs = checkpoint(one_step, state.y, state.z, state.steps_done, use_reentrant=False)
             else:
                 outputs = one_step(state.y, state.z, state.steps_done)
             state = RefinementState(outputs[0], outputs[1], state.steps_done + 1)
             per_step.append(outputs[2:])
-
-        with torch.no_grad():
-            backbone_logits = self.backbone.lm_head(hidden_sup.detach())
-            backbone_ce, backbone_prob, _, _ = _score(backbone_logits, targets)
-        return self._assemble_output(
-            per_step, supervised, chunk_index, chunk_is_masked, backbone_ce, backbone_prob,
-            backbone_logits if return_logits else None, labels,
-        )
+        return per_step
 
     def _assemble_output(
         self, per_step, supervised, chunk_index, chunk_is_masked, backbone_ce, backbone_prob, backbone_logits, labels

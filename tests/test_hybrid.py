@@ -244,3 +244,9 @@ def test_steps_to_confidence_follow_threshold_and_min_steps():
     model.config.min_recursive_steps = 2
     confidence = torch.tensor([[[0.9, 0.1, 0.4]], [[0.2, 0.6, 0.4]], [[0.3, 0.2, 0.4]], [[0.7, 0.9, 0.4]]])
     assert model.steps_to_reach(confidence).tolist() == [[4, 2, 4]]
+
+
+def test_refinement_steps_are_recomputed_by_default_exactly_when_detached():
+    assert HybridConfig().recompute_steps is True
+    assert HybridConfig(detach_between_steps=False).recompute_steps is False
+    assert HybridConfig(checkpoint_refinement_steps=False).recompute_steps is False
