@@ -64,7 +64,7 @@ class TrainArguments:
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimiser step"))
     num_epochs: float = field(default=1.0, metadata=_help("passes over the training data"))
     max_steps: int | None = field(default=None, metadata=_help("optimiser steps (overrides --num_epochs)"))
-    learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    learning_rate: float = field(default=2e-3, metadata=_help("peak learning rate"))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
     lr_scheduler_type: str = field(default="cosine", metadata=_help("transformers scheduler name"))
     warmup_ratio: float = field(default=0.05, metadata=_help("fraction of steps spent warming up"))

@@ -85,7 +85,7 @@ class DataArguments:
     bad_sample_policy: str = field(default="skip", metadata=_help(
         "error: stop at the first bad record; skip: drop and count it"))
     max_bad_fraction: float = field(default=0.5, metadata=_help("stop when more than this fraction of records is bad"))
-    num_synthetic_train: int = field(default=2000, metadata=_help("synthetic train problems"))
+    num_synthetic_train: int = field(default=1000, metadata=_help("synthetic train problems"))
     num_synthetic_eval: int = field(default=200, metadata=_help("synthetic validation/test problems"))
     max_samples: int | None = field(default=None, metadata=_help("use only the first N records of each split"))
     preprocessing_num_workers: int | None = field(default=None, metadata=_help("processes for tokenisation"))
