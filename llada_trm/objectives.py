@@ -19,6 +19,7 @@ from .truncation import TruncationConfig, TruncationDecision, truncation_decisio
 from .weighting import WeightingConfig, token_weights
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "chunk_index", "labels", "chunk_is_masked")
+NO_TRUNCATION = TruncationConfig()
 
 
 @dataclass
@@ -42,12 +43,16 @@ class HybridObjective:
         )
         return (weights * (batch["labels"] != -100)).sum().float()
 
-    def __call__(self, model, batch: dict, generator: torch.Generator | None) -> MicroBatchResult:
+    def __call__(
+        self, model, batch: dict, generator: torch.Generator | None, token_filters: bool = True
+    ) -> MicroBatchResult:
+        """token_filters=False: every supervised token, unweighted (evaluation compares rungs on equal terms)."""
         output = model(**{k: batch[k] for k in MODEL_INPUTS})
         final_loss = output.step_token_loss[-1].detach()
-        decision = truncation_decisions(final_loss, output.supervised_mask, self.truncation, generator)
+        truncation = self.truncation if token_filters else NO_TRUNCATION
+        decision = truncation_decisions(final_loss, output.supervised_mask, truncation, generator)
         weights = None
-        if self.weighting.loss_weighting != "none":
+        if token_filters and self.weighting.loss_weighting != "none":
             weights = token_weights(
                 self.weighting, final_loss, decision.keep, output.final_label_prob, output.backbone_label_prob
             )
@@ -68,7 +73,8 @@ class LLaDASFTObjective:
     def pre_count(batch: dict) -> Tensor:
         return torch.tensor(float(batch["input_ids"].shape[0]), device=batch["input_ids"].device)
 
-    def __call__(self, model, batch: dict, generator: torch.Generator | None) -> MicroBatchResult:
+    def __call__(self, model, batch: dict, generator: torch.Generator | None, token_filters: bool = True
+                 ) -> MicroBatchResult:
         is_response = batch["labels"] != -100
         targets = batch["labels"].where(is_response, batch["input_ids"])
         noisy, is_masked, p_mask = forward_mask(targets, is_response, self.mask_token_id, generator)

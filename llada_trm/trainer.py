@@ -233,7 +233,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Eval loss (the training objective, no truncation), perplexity of the last step, backbone-only loss."""
+        """Eval loss (the training objective on every supervised token: no truncation, no token weights),
+        perplexity of the last step, backbone-only loss."""
         acc = self.accelerator
         self.model.eval()
         sums = torch.zeros(4, device=acc.device)  # loss_sum, count, last-step CE sum, backbone CE sum
@@ -241,7 +242,7 @@ class Trainer:
         for i, batch in enumerate(self.eval_loader):
             generator = micro_batch_generator(self.args.train.seed, 0, i, acc.process_index, acc.device)
             with acc.autocast():
-                result = self.objective(self.model, batch, generator)
+                result = self.objective(self.model, batch, generator, token_filters=False)
             sums[0] += result.loss_sum.float()
             sums[1] += result.count
             if result.output is not None:

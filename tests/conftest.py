@@ -37,3 +37,21 @@ def shipped_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TINY_LLADA_PATH)
+
+
+@pytest.fixture(scope="session")
+def backbone_dir(tmp_path_factory):
+    """A small random LLaDA with the shipped tokenizer: fast, and independent of the pretrained weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLADA_PATH)
+    config = LLaDAConfig(
+        d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=64, vocab_size=448, embedding_size=448,
+        rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, mask_token_id=tokenizer.mask_token_id,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("backbone")
+    LLaDAModelLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

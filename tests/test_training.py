@@ -8,32 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from llada_trm import LLaDAConfig, LLaDAModelLM, LLaDATRMHybrid
+from llada_trm import LLaDATRMHybrid
 from llada_trm.arguments import parse_arguments
 from llada_trm.checkpointing import complete_checkpoints, resolve_resume
-from llada_trm.defaults import TINY_LLADA_PATH
 from llada_trm.train import main
 from llada_trm.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def backbone_dir(tmp_path_factory):
-    """A small random LLaDA with the shipped tokenizer: fast, and independent of the pretrained weights."""
-    tokenizer = AutoTokenizer.from_pretrained(TINY_LLADA_PATH)
-    config = LLaDAConfig(
-        d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=64, vocab_size=448, embedding_size=448,
-        rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, mask_token_id=tokenizer.mask_token_id,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("backbone")
-    LLaDAModelLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def base_args(backbone_dir, output_dir, *extra):
