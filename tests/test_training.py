@@ -13,7 +13,7 @@ from llada_trm import LLaDATRMHybrid
 from llada_trm.arguments import parse_arguments
 from llada_trm.checkpointing import complete_checkpoints, resolve_resume
 from llada_trm.train import main
-from llada_trm.trainer import Trainer
+from llada_trm.trainer import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,3 +164,20 @@ def test_two_processes_give_the_loss_of_one_process_with_the_same_global_batch(b
     one = run(tmp_path / "one", 1, 4)
     two = run(tmp_path / "two", 2, 2)
     assert len(one) == 3 and two == pytest.approx(one, rel=1e-4)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(backbone_dir, tmp_path):
+    trainer = Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "5", "--max_bad_steps", "3")))
+
+    class Poisoned(type(trainer.objective)):
+        def __call__(self, *args, **kwargs):
+            result = super().__call__(*args, **kwargs)
+            result.loss_sum = result.loss_sum * float("nan")
+            return result
+
+    trainer.objective.__class__ = Poisoned
+    before = [p.detach().clone() for p in trainer.trainable]
+    with pytest.raises(TrainingError, match="--max_bad_steps 3"):
+        trainer.train()
+    assert trainer.state.skipped_steps == 3 and trainer.state.global_step == 2  # stopped inside the third
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.trainable))
