@@ -246,7 +246,11 @@ class LLaDATRMHybrid(PreTrainedModel):
         self.config.save_pretrained(directory)
 
     @classmethod
-    def from_pretrained(cls, path, backbone: LLaDAModelLM | None = None, dtype: torch.dtype | None = None, **unused):
+    def from_pretrained(cls, path, backbone: LLaDAModelLM | None = None, dtype: torch.dtype | None = None, **unsupported):
+        """Config + head from `path`; the backbone from `backbone/` (if it was trained), the one passed, or the
+        one the config names. Move the model with `.to(device)` afterwards."""
+        if unsupported:  # never ignore an option silently (device_map, quantisation, ...)
+            raise TypeError(f"LLaDATRMHybrid.from_pretrained does not support {sorted(unsupported)}")
         path = Path(path)
         config = HybridConfig.from_pretrained(path)
         if backbone is None:

@@ -250,3 +250,10 @@ def test_refinement_steps_are_recomputed_by_default_exactly_when_detached():
     assert HybridConfig().recompute_steps is True
     assert HybridConfig(detach_between_steps=False).recompute_steps is False
     assert HybridConfig(checkpoint_refinement_steps=False).recompute_steps is False
+
+
+def test_from_pretrained_rejects_options_it_would_otherwise_ignore(tmp_path):
+    model = make_hybrid(freeze_backbone=False)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="device_map"):
+        LLaDATRMHybrid.from_pretrained(tmp_path, device_map="auto")
