@@ -26,6 +26,7 @@ chunk pass). On CUDA the table also shows each variant's peak memory above what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -366,12 +367,10 @@ def head_forward_backward(model: LLaDATRMHybrid, hidden: torch.Tensor, batch: di
 # ----------------------------------------------------------------------------------------------- main
 
 def cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or "unknown CPU"
 
 

@@ -13,6 +13,7 @@ What is notable:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -168,16 +169,9 @@ def _parse_value(field: str, raw, source: str):
         value = text  # an unparseable text falls through to _check_value, which rejects it with the rule
         if kind == "bool" and text.lower() in _TRUE + _FALSE:
             value = text.lower() in _TRUE
-        elif kind == "int":
-            try:
-                value = int(text)
-            except ValueError:
-                pass
-        elif kind == "float":
-            try:
-                value = float(text)
-            except ValueError:
-                pass
+        elif kind in ("int", "float"):
+            with contextlib.suppress(ValueError):
+                value = int(text) if kind == "int" else float(text)
         elif kind == "str":
             value = text.lower()
     elif kind == "float" and isinstance(raw, int) and not isinstance(raw, bool):
