@@ -87,6 +87,10 @@ class RecursiveRefinementHead(nn.Module):
         out, cache = run_blocks(self.blocks, u, context, past, use_cache)
         return self.norm(out), cache
 
+    def project_in(self, hidden: Tensor) -> Tensor:
+        """x = in_proj(h), in the head's own dtype (the head trains in fp32 even on a bf16 backbone)."""
+        return self.in_proj(hidden.to(self.in_proj.weight.dtype))
+
     def initial_state(self, x: Tensor) -> RefinementState:
         return RefinementState(y=x, z=self.z_init.to(x.dtype).expand_as(x))
 

@@ -70,9 +70,9 @@ class LLaDATRMHybrid(PreTrainedModel):
         config.resolve_head_shape(backbone.config.d_model)
         config.validate_architecture()
         self.backbone = backbone
-        self.head = RecursiveRefinementHead(config, backbone.config.d_model).to(
-            device=backbone.device, dtype=backbone.dtype
-        )
+        # The head stays in fp32 whatever the backbone's dtype: it is what gets trained (AdamW on bf16 weights
+        # loses small updates); mixed precision comes from autocast.
+        self.head = RecursiveRefinementHead(config, backbone.config.d_model).to(device=backbone.device)
         self.set_backbone_frozen(config.freeze_backbone)
         self.post_init()
 
@@ -114,7 +114,8 @@ class LLaDATRMHybrid(PreTrainedModel):
 
     def step_logits_at(self, hidden: Tensor, y: Tensor) -> Tensor:
         """Logits of one refinement step: the backbone's own LM head on h + out_proj(y)."""
-        return self.backbone.lm_head(hidden + self.head.out_proj(y))
+        lm_head_dtype = self.backbone.get_output_embeddings().weight.dtype
+        return self.backbone.lm_head((hidden + self.head.out_proj(y)).to(lm_head_dtype))
 
     # ------------------------------------------------------------------ training forward
     def forward(
@@ -154,7 +155,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         when `recompute_steps` is on, so activation memory does not grow with the number of steps."""
         config = self.config
         context = self.head_context(hidden, attention_mask, chunk_index, position_ids)
-        x = self.head.in_proj(hidden)
+        x = self.head.project_in(hidden)
         hidden_sup = hidden[supervised]
 
         def one_step(y: Tensor, z: Tensor, steps_done: int):

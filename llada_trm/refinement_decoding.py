@@ -263,7 +263,7 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
                                   past=past_head[0] if past_head else None)
 
     context = context_of(ids.shape[1])
-    x = model.head.in_proj(hidden)
+    x = model.head.project_in(hidden)
     state = model.head.initial_state(x)
     done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)

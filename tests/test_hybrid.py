@@ -257,3 +257,22 @@ def test_from_pretrained_rejects_options_it_would_otherwise_ignore(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="device_map"):
         LLaDATRMHybrid.from_pretrained(tmp_path, device_map="auto")
+
+
+def test_head_trains_in_fp32_on_a_bf16_backbone():
+    torch.manual_seed(0)
+    backbone = LLaDAModelLM(make_config()).to(torch.bfloat16)
+    model = LLaDATRMHybrid(HybridConfig(chunk_size=4, max_recursive_steps=2, head_hidden_size=16, head_heads=2),
+                           backbone).train()
+    assert all(p.dtype == torch.float32 for p in model.head.parameters())
+    batch = make_batch([5, 3], [2, 2], 4, [[0], [1]])
+    out = model(**batch, return_logits=True)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.head.out_proj.weight.grad.dtype == torch.float32
+    with torch.no_grad():  # at initialisation still exactly the backbone's logits
+        reference = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             chunk_index=batch["chunk_index"]).logits
+    torch.testing.assert_close(out.step_logits[-1][out.supervised_mask], reference[out.supervised_mask], rtol=0, atol=0)
+    generated = model.eval().generate_with_refinement([[5, 6, 7]], max_length=11)
+    assert generated.sequences.shape[1] >= 4
