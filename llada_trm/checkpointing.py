@@ -17,8 +17,6 @@ import re
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 
@@ -65,9 +63,7 @@ def register_state_hooks(accelerator) -> None:
             unwrapped = accelerator.unwrap_model(model)
             if trainable_prefixes(unwrapped) != ("head.",):
                 continue
-            state = load_file(str(Path(input_dir) / "model.safetensors"))
-            head_state = {k[len("head."):]: v for k, v in state.items()}
-            unwrapped.head.load_state_dict(head_state, strict=True)
+            unwrapped.load_head_weights(Path(input_dir) / "model.safetensors")
             models.remove(model)
 
     accelerator.register_save_state_pre_hook(on_save)

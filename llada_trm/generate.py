@@ -38,9 +38,11 @@ def _load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_for_inference(checkpoint: str | None = None, backbone: str | None = None, device: str | None = None):
+def load_for_inference(checkpoint: str | None = None, backbone: str | None = None, device: str | None = None,
+                       chunk_size: int | None = None):
     """(hybrid, tokenizer) from a checkpoint directory, or a fresh hybrid (untrained head) on a backbone
-    directory (`tiny-llada` = the shipped one). Raises InferenceSetupError with a readable message."""
+    directory (`tiny-llada` = the shipped one; `chunk_size` sets its chunk length). Raises InferenceSetupError
+    with a readable message."""
     from .hybrid import LLaDATRMHybrid
 
     if (checkpoint is None) == (backbone is None):
@@ -63,7 +65,8 @@ def load_for_inference(checkpoint: str | None = None, backbone: str | None = Non
                                       f"use --checkpoint for a hybrid checkpoint")
         if not (directory / "model.safetensors").exists() and not any(directory.glob("model-*.safetensors")):
             raise InferenceSetupError(f"{directory} has no model weights (model.safetensors)")
-        model = LLaDATRMHybrid(HybridConfig(backbone_name_or_path=str(directory)))
+        chunking = {"chunk_size": chunk_size} if chunk_size is not None else {}
+        model = LLaDATRMHybrid(HybridConfig(backbone_name_or_path=str(directory), **chunking))
     tokenizer = _load_tokenizer(directory)
     if device is not None:
         model = model.to(device)

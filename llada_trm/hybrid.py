@@ -258,16 +258,20 @@ class LLaDATRMHybrid(PreTrainedModel):
             source = path / "backbone" if config.backbone_in_checkpoint else resolve_backbone_path(config.backbone_name_or_path)
             backbone = LLaDAModelLM.from_pretrained(source, **({"dtype": dtype} if dtype is not None else {}))
         model = cls(config, backbone)
-        weights_file = path / HEAD_WEIGHTS
+        model.load_head_weights(path / HEAD_WEIGHTS)
+        return model
+
+    def load_head_weights(self, weights_file) -> None:
+        """Load `head.*` weights from a safetensors file; a missing or unexpected key is an error listing them."""
+        weights_file = Path(weights_file)
         if not weights_file.exists():
             raise FileNotFoundError(f"{weights_file} not found: not a hybrid checkpoint directory")
         head_state = {k[len("head."):]: v for k, v in load_file(str(weights_file)).items()}
-        expected = set(model.head.state_dict())
+        expected = set(self.head.state_dict())
         missing, unexpected = sorted(expected - set(head_state)), sorted(set(head_state) - expected)
         if missing or unexpected:
             raise CheckpointMismatchError(f"{weights_file}: missing head keys {missing}, unexpected keys {unexpected}")
-        model.head.load_state_dict(head_state)
-        return model
+        self.head.load_state_dict(head_state)
 
     def num_parameters_by_part(self) -> dict[str, int]:
         return {

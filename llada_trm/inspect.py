@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from .collator import ChunkMaskingCollator
-from .configuration_hybrid import HybridConfig
 from .data import DataArguments, prepare_dataset
 from .debug_view import format_chunk_inspection
-from .defaults import resolve_backbone_path
-from .hybrid import LLaDATRMHybrid
+from .generate import InferenceSetupError, load_for_inference
+from .objectives import MODEL_INPUTS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,21 +36,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--num_samples must be positive, got {args.num_samples}")
     if not 0 <= args.mask_probability <= 1:
         parser.error(f"--mask_probability must be in [0, 1], got {args.mask_probability}")
-    if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
-        parser.error(f"--checkpoint {args.checkpoint}: not a hybrid checkpoint directory (no config.json)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.checkpoint:
-        model = LLaDATRMHybrid.from_pretrained(args.checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    else:
-        config = HybridConfig(backbone_name_or_path=args.model_name_or_path, chunk_size=args.chunk_size)
-        model = LLaDATRMHybrid(config)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(args.model_name_or_path))
-    model.eval()
+    try:
+        model, tokenizer = load_for_inference(checkpoint=args.checkpoint,
+                                              backbone=None if args.checkpoint else args.model_name_or_path,
+                                              chunk_size=None if args.checkpoint else args.chunk_size)
+    except InferenceSetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     chunk_size = model.config.chunk_size
     data_args = DataArguments(dataset_name=args.dataset_name, dataset_path=args.dataset_path,
                               max_length=args.max_length, max_samples=args.num_samples, eval_split=args.split)
@@ -68,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     features = [prepared.dataset[i] for i in range(min(args.num_samples, len(prepared.dataset)))]
     batch = collator(features)
     with torch.no_grad():
-        output = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "chunk_index", "labels", "chunk_is_masked")})
+        output = model(**{k: batch[k] for k in MODEL_INPUTS})
     for sample in range(len(features)):
         print(format_chunk_inspection(tokenizer, batch, output, sample=sample, title=f"(sample {features[sample]['sample_id']})"))
     return 0

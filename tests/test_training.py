@@ -181,3 +181,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(backbone_dir, tmp_path):
         trainer.train()
     assert trainer.state.skipped_steps == 3 and trainer.state.global_step == 2  # stopped inside the third
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.trainable))
+
+
+def test_inspect_shows_the_debug_view_without_training(backbone_dir, capsys):
+    from llada_trm.inspect import main as inspect_main
+
+    assert inspect_main(["--model_name_or_path", str(backbone_dir), "--chunk_size", "8", "--num_samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Masked chunks: [") == 2 and "Chunk 0/" in out
+    assert inspect_main(["--checkpoint", str(backbone_dir / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
