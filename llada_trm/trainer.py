@@ -270,9 +270,8 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         hybrid = model if isinstance(model, LLaDATRMHybrid) else _backbone_only_hybrid(model, self.args)
         results = {}
-        for name, refine in (("refined", True), ("backbone", False)):
-            if name == "refined" and hybrid is not model:
-                continue
+        modes = (("refined", True), ("backbone", False)) if hybrid is model else (("backbone", False),)
+        for name, refine in modes:
             scores = answer_accuracy(hybrid, self.tokenizer, self.eval_data.dataset, max_length=t.eval_max_length,
                                      enable_refinement=refine, batch_size=t.eval_batch_size or t.batch_size,
                                      max_samples=t.eval_max_samples, progress=False)
