@@ -6,7 +6,7 @@ from .collator import ChunkMaskingCollator
 from .configuration_hybrid import HybridConfig
 from .configuration_llada import LLaDAConfig, LLaDAConfigError
 from .data import DataArguments, DataError, prepare_dataset
-from .evaluation import answer_accuracy
+from .evaluation import chunk_decoder_accuracy, fair_evaluation, llada_sampler_accuracy
 from .hybrid import HybridOutput, LLaDATRMHybrid
 from .modeling_llada import CheckpointMismatchError, LLaDAModelLM
 from .refinement_decoding import RefinementOutput, generate_with_refinement
@@ -32,7 +32,9 @@ __all__ = [
     "TruncationConfig",
     "RefinementOutput",
     "WeightingConfig",
-    "answer_accuracy",
+    "chunk_decoder_accuracy",
+    "fair_evaluation",
+    "llada_sampler_accuracy",
     "generate_with_refinement",
     "prepare_dataset",
     "token_weights",

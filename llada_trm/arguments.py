@@ -42,6 +42,8 @@ class ModelArguments:
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute backbone activations"))
     chunk_size: int = field(default=16, metadata=_help("tokens per reasoning chunk (thought)"))
     mask_probability: float = field(default=0.3, metadata=_help("probability that a reasoning chunk is masked"))
+    partial_chunk_masking: bool = field(default=False, metadata=_help(
+        "mask only a random fraction (rate drawn per chunk) of a masked chunk's tokens, as between decode rounds"))
     head_hidden_size: int | None = field(default=None, metadata=_help("head width (default min(d_model, 1024))"))
     head_layers: int = field(default=2, metadata=_help("layers of the head's tiny transformer"))
     latent_steps: int = field(default=2, metadata=_help("latent updates z <- f(z + y + x) per refinement step"))
@@ -71,8 +73,11 @@ class TrainArguments:
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping (0 disables)"))
     logging_steps: int = field(default=10, metadata=_help("optimiser steps between metric records"))
     eval_steps: int | None = field(default=None, metadata=_help("optimiser steps between evaluations (default: at the end)"))
-    eval_max_samples: int = field(default=32, metadata=_help("held-out samples for answer accuracy"))
-    eval_max_length: int = field(default=256, metadata=_help("max total tokens when generating for accuracy"))
+    eval_max_samples: int = field(default=200, metadata=_help("held-out problems scored for exact match (0: none)"))
+    eval_max_new_tokens: int | None = field(default=None, metadata=_help(
+        "new-token budget of every decoder at evaluation (default: the longest reference reasoning + one chunk)"))
+    eval_decode_steps_per_chunk: int = field(default=1, metadata=_help(
+        "decode rounds per chunk of generate_with_refinement at evaluation"))
     save_steps: int | None = field(default=None, metadata=_help("optimiser steps between checkpoints (default: at the end)"))
     save_total_limit: int | None = field(default=2, metadata=_help("keep at most this many checkpoints"))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help("`latest` or a checkpoint directory"))
@@ -175,9 +180,10 @@ def validate(model: ModelArguments, train: TrainArguments) -> None:
     require(model.step_weighting in ("linear", "uniform"), f"--step_weighting must be linear or uniform, got {model.step_weighting!r}")
     for name in ("deep_supervision_weight", "unmasked_chunk_weight", "refine_confidence_threshold"):
         require(getattr(model, name) >= 0, f"--{name} must be non-negative, got {getattr(model, name)}")
-    for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "max_bad_steps", "debug_every", "eval_max_length"):
+    for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "max_bad_steps", "debug_every",
+                 "eval_decode_steps_per_chunk"):
         require(getattr(train, name) > 0, f"--{name} must be positive, got {getattr(train, name)}")
-    for name in ("eval_batch_size", "max_steps", "eval_steps", "save_steps", "save_total_limit"):
+    for name in ("eval_batch_size", "max_steps", "eval_steps", "save_steps", "save_total_limit", "eval_max_new_tokens"):
         value = getattr(train, name)
         require(value is None or value > 0, f"--{name} must be positive, got {value}")
     require(train.num_epochs > 0, f"--num_epochs must be positive, got {train.num_epochs}")

@@ -45,13 +45,25 @@ def mask_seed(seed: int, epoch: int, sample_id: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def draw_masked_chunks(num_chunks: int, mask_probability: float, seed: int, epoch: int, sample_id: int) -> torch.Tensor:
-    """(num_chunks,) bool: each chunk masked with `mask_probability`; if none was drawn, one uniformly."""
+def draw_masked_chunks(num_chunks: int, mask_probability: float, seed: int, epoch: int, sample_id: int,
+                       partial_chunk_size: int | None = None) -> torch.Tensor:
+    """(num_chunks,) bool: each chunk masked with `mask_probability`; if none was drawn, one uniformly.
+
+    With `partial_chunk_size` C: (num_chunks, C) bool instead, the masked positions. Each masked chunk draws its
+    own rate r ~ U(0, 1) and masks each of its tokens with probability r, at least one; other chunks are clear.
+    The chunk draw comes first from the same generator, so both modes mask the same chunks.
+    """
     generator = torch.Generator().manual_seed(mask_seed(seed, epoch, sample_id))
     masked = torch.rand(num_chunks, generator=generator) < mask_probability
     if num_chunks > 0 and mask_probability > 0 and not masked.any():
         masked[torch.randint(num_chunks, (1,), generator=generator)] = True
-    return masked
+    if partial_chunk_size is None:
+        return masked
+    rate = torch.rand(num_chunks, 1, generator=generator)
+    positions = torch.rand(num_chunks, partial_chunk_size, generator=generator) < rate
+    forced = torch.randint(partial_chunk_size, (num_chunks,), generator=generator)
+    positions[torch.arange(num_chunks), forced] = True  # at least one masked token per masked chunk
+    return positions & masked[:, None]
 
 
 class ChunkMaskingCollator:
@@ -59,10 +71,14 @@ class ChunkMaskingCollator:
 
     Output: input_ids, labels, attention_mask, chunk_index (B, L) long; chunk_is_masked (B, K_max) bool (False
     for chunks a sample does not have); num_chunks, sample_id (B,) long.
+
+    partial_chunk_masking: inside each masked chunk only a random fraction of the tokens is masked (a rate drawn
+    per chunk), as a chunk looks between the rounds of multi-round chunk decoding. `chunk_is_masked` still marks
+    the chunks that were drawn; which positions are masked is in `input_ids` (the mask token).
     """
 
     def __init__(self, mask_token_id: int, pad_token_id: int, chunk_size: int = 16, mask_probability: float = 0.3,
-                 seed: int = 0):
+                 seed: int = 0, partial_chunk_masking: bool = False):
         if not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if not 0.0 <= mask_probability <= 1.0:
@@ -74,6 +90,7 @@ class ChunkMaskingCollator:
                           "the masked-chunk loss is empty", stacklevel=2)
         self.mask_token_id, self.pad_token_id = mask_token_id, pad_token_id
         self.chunk_size, self.mask_probability, self.seed = chunk_size, mask_probability, seed
+        self.partial_chunk_masking = partial_chunk_masking
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -86,14 +103,18 @@ class ChunkMaskingCollator:
             raise ValueError("every feature needs a 'sample_id' (prepare_dataset adds it): masks are keyed on it")
         batch = pad_batch(features, self.pad_token_id, self.chunk_size)
         max_chunks = int(batch["num_chunks"].max())
-        chunk_is_masked = torch.zeros(len(features), max_chunks, dtype=torch.bool)
+        size = self.chunk_size
+        positions = torch.zeros(len(features), max_chunks, size, dtype=torch.bool)  # masked positions, by chunk
         for row, (num_chunks, sample_id) in enumerate(zip(batch["num_chunks"].tolist(), batch["sample_id"].tolist())):
-            chunk_is_masked[row, :num_chunks] = draw_masked_chunks(
-                num_chunks, self.mask_probability, self.seed, self.epoch, sample_id
-            )
+            drawn = draw_masked_chunks(num_chunks, self.mask_probability, self.seed, self.epoch, sample_id,
+                                       size if self.partial_chunk_masking else None)
+            positions[row, :num_chunks] = drawn if self.partial_chunk_masking else drawn[:, None]
         if max_chunks > 0:
+            # Reasoning chunk k covers the positions with chunk_index k, in order: offset inside it = rank.
             in_reasoning = batch["chunk_index"] >= 0
-            position_masked = chunk_is_masked.gather(1, batch["chunk_index"].clamp(min=0)) & in_reasoning
+            chunk = batch["chunk_index"].clamp(min=0)
+            offset = (torch.arange(batch["chunk_index"].shape[1]) - in_reasoning.long().argmax(dim=1, keepdim=True)) % size
+            position_masked = positions[torch.arange(len(features))[:, None], chunk, offset] & in_reasoning
             batch["input_ids"] = batch["input_ids"].masked_fill(position_masked, self.mask_token_id)
-        batch["chunk_is_masked"] = chunk_is_masked
+        batch["chunk_is_masked"] = positions.any(dim=2)
         return batch

@@ -1,19 +1,30 @@
-"""Exact-match answer accuracy of generated reasoning, on prepared dataset rows or plain records.
+"""Fair exact-match evaluation: the same held-out problems, the same new-token budget, each model with its best decoder.
+
+Three decoders are scored side by side (DESIGN 11, docs/inference.md):
+- `backbone_llada_sampler`: the backbone alone with LLaDA's sampler (`generation.generate`), one token per step
+  in semi-autoregressive blocks of `chunk_size`: a plain LLaDA's best decoder;
+- `backbone_chunked`: the backbone alone through the chunk decoder (`generate_with_refinement`, refinement off);
+- `hybrid_refined`: the hybrid with `generate_with_refinement`.
 
 The prompt of a prepared row is its non-pad prompt region (input_ids where chunk_index == -1 and
-attention_mask == 1): exactly the ids the model was trained to continue, so no re-tokenisation can drift.
-A prediction is right when `layout.extract_answer` of the generated text equals the reference `answer`
-(both stripped); rows without a reference answer cannot be scored and are counted apart.
+attention_mask == 1): exactly the ids the model was trained to continue. A prediction is right when
+`layout.extract_answer` of the generated text equals the reference `answer` (both stripped); rows without a
+reference answer are counted apart. New tokens are counted up to the stop (EOS excluded, `</answer>` included)
+for every decoder, so tokens per second compare answer throughput.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-from .layout import extract_answer
-from .refinement_decoding import generate_with_refinement
+from .generation import generate
+from .layout import ANSWER_CLOSE, extract_answer
+from .refinement_decoding import generate_with_refinement, left_pad
+
+DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
 
 
 def prompt_ids_of(row: dict) -> list[int]:
@@ -30,45 +41,128 @@ def is_correct(generated_text: str, reference: str) -> bool:
     return predicted is not None and predicted.strip() == reference.strip()
 
 
-def answer_accuracy(model, tokenizer, dataset_or_records, max_length: int, enable_refinement: bool = True,
-                    batch_size: int = 8, max_samples: int | None = None, progress: bool = True) -> dict:
-    """Generate for every row with `generate_with_refinement` (temperature 0) and score the answers.
-
-    Rows are dicts with `input_ids`, `attention_mask`, `chunk_index` and `answer` (a prepared dataset, or a
-    list of such dicts). Returns accuracy, correct, num_samples (scored rows), skipped_no_reference,
-    mean_refinement_steps (per chunk; 0 for the backbone alone), new_tokens, seconds and tokens_per_second.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+def scored_rows(dataset_or_records, max_samples: int | None = None) -> tuple[list[dict], int]:
+    """The first `max_samples` rows that have a reference answer, and how many rows had none."""
     total = len(dataset_or_records) if max_samples is None else min(max_samples, len(dataset_or_records))
     rows = [dataset_or_records[i] for i in range(total)]
     scored = [row for row in rows if str(row.get("answer") or "").strip()]
+    return scored, len(rows) - len(scored)
+
+
+def default_new_token_budget(rows: list[dict], chunk_size: int) -> int:
+    """One chunk more than the longest reference reasoning (EOS fill included) among `rows`."""
+    longest = max((sum(label != -100 for label in row["labels"]) for row in rows), default=0)
+    return longest + chunk_size
+
+
+def _run(name: str, rows: list[dict], batch_size: int, progress: bool,
+         decode: Callable[[list[list[int]]], tuple[list[str], list[int], list[int], list[int]]]) -> dict:
+    """Score `decode` (prompts -> texts, new tokens, chunks, refinement steps per row) over `rows` in batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     correct = new_tokens = chunk_count = step_count = 0
     seconds = 0.0
-    bar = tqdm(total=len(scored), desc="refinement" if enable_refinement else "backbone", disable=not progress,
-               unit="sample")
-    for start in range(0, len(scored), batch_size):
-        batch = scored[start: start + batch_size]
+    bar = tqdm(total=len(rows), desc=name, disable=not progress, unit="sample")
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start: start + batch_size]
         began = time.perf_counter()
-        out = generate_with_refinement(model, [prompt_ids_of(row) for row in batch], tokenizer=tokenizer,
-                                       max_length=max_length, enable_refinement=enable_refinement, return_trace=True)
+        texts, tokens, chunks, steps = decode([prompt_ids_of(row) for row in batch])
         seconds += time.perf_counter() - began
-        new_tokens += sum(len(tokens) for tokens in out.new_tokens)
-        for text, row, trace in zip(out.texts, batch, out.trace):
-            correct += is_correct(text, str(row["answer"]))
-            chunk_count += len(trace)
-            step_count += sum(entry.steps for entry in trace)
+        correct += sum(is_correct(text, str(row["answer"])) for text, row in zip(texts, batch))
+        new_tokens, chunk_count, step_count = new_tokens + sum(tokens), chunk_count + sum(chunks), step_count + sum(steps)
         bar.update(len(batch))
-        bar.set_postfix(accuracy=f"{correct / (start + len(batch)):.3f}",
-                        tok_s=f"{new_tokens / max(seconds, 1e-9):.0f}")
+        bar.set_postfix(accuracy=f"{correct / (start + len(batch)):.3f}", tok_s=f"{new_tokens / max(seconds, 1e-9):.0f}")
     bar.close()
     return {
-        "accuracy": correct / len(scored) if scored else 0.0,
+        "accuracy": correct / len(rows) if rows else 0.0,
         "correct": correct,
-        "num_samples": len(scored),
-        "skipped_no_reference": len(rows) - len(scored),
+        "num_samples": len(rows),
         "mean_refinement_steps": step_count / chunk_count if chunk_count else 0.0,
         "new_tokens": new_tokens,
         "seconds": seconds,
         "tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0,
     }
+
+
+def _until_stop(tokens: list[int], eos_id: int, answer_close_id: int | None) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token == eos_id:
+            return tokens[:i]
+        if token == answer_close_id:
+            return tokens[: i + 1]
+    return tokens
+
+
+def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens: int, block_length: int,
+                           batch_size: int = 32, progress: bool = True) -> dict:
+    """Exact match of the backbone with LLaDA's sampler: steps = new tokens (one per step), blocks of
+    `block_length`, temperature 0; `max_new_tokens` is rounded up to whole blocks."""
+    gen_length = -(-max_new_tokens // block_length) * block_length
+    eos_id, mask_id = tokenizer.eos_token_id, backbone.config.mask_token_id
+    close_ids = tokenizer(ANSWER_CLOSE, add_special_tokens=False)["input_ids"]
+    answer_close_id = close_ids[0] if len(close_ids) == 1 else None
+    stop_ids = (eos_id,) if answer_close_id is None else (eos_id, answer_close_id)
+
+    def decode(prompts):
+        ids, mask = left_pad(prompts, block_length, tokenizer.pad_token_id, backbone.device)
+        out = generate(backbone, ids, mask, steps=gen_length, gen_length=gen_length, block_length=block_length,
+                       mask_id=mask_id, stop_token_ids=stop_ids)
+        new = [_until_stop(row, eos_id, answer_close_id) for row in out[:, ids.shape[1]:].tolist()]
+        new = [[t for t in row if t != mask_id] for row in new]
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+        return texts, [len(row) for row in new], [0] * len(new), [0] * len(new)
+
+    return _run("backbone_llada_sampler", rows, batch_size, progress, decode)
+
+
+def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, enable_refinement: bool = True,
+                           batch_size: int = 8, progress: bool = True, **decode_options) -> dict:
+    """Exact match of an `LLaDATRMHybrid` with `generate_with_refinement` (temperature 0); `decode_options` go to it
+    (decode_steps_per_chunk, refine_confidence_threshold, ...)."""
+
+    def decode(prompts):
+        out = generate_with_refinement(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                       enable_refinement=enable_refinement, return_trace=True, **decode_options)
+        chunks = [len(trace) for trace in out.trace]
+        steps = [sum(entry.steps for entry in trace) for trace in out.trace]
+        return out.texts, [len(tokens) for tokens in out.new_tokens], chunks, steps
+
+    return _run("hybrid_refined" if enable_refinement else "backbone_chunked", rows, batch_size, progress, decode)
+
+
+def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size: int, backbone=None, hybrid=None,
+                    backbone_hybrid=None, batch_size: int = 8, progress: bool = True, **decode_options) -> dict:
+    """Score the same `rows` with every decoder that applies.
+
+    backbone: an `LLaDAModelLM` (LLaDA sampler row); backbone_hybrid: a hybrid whose head is unused (chunked row;
+    default `hybrid`); hybrid: the trained hybrid (refined row). Returns {"num_samples", "max_new_tokens",
+    "accuracy": {decoder: exact match}, "decoders": {decoder: full metrics}}.
+    """
+    backbone_hybrid = backbone_hybrid if backbone_hybrid is not None else hybrid
+    results = {}
+    if backbone is not None:
+        results["backbone_llada_sampler"] = llada_sampler_accuracy(
+            backbone, tokenizer, rows, max_new_tokens, chunk_size, batch_size=max(batch_size, 32), progress=progress)
+    if backbone_hybrid is not None:
+        results["backbone_chunked"] = chunk_decoder_accuracy(
+            backbone_hybrid, tokenizer, rows, max_new_tokens, enable_refinement=False, batch_size=batch_size,
+            progress=progress, **decode_options)
+    if hybrid is not None:
+        results["hybrid_refined"] = chunk_decoder_accuracy(
+            hybrid, tokenizer, rows, max_new_tokens, enable_refinement=True, batch_size=batch_size,
+            progress=progress, **decode_options)
+    return {
+        "num_samples": len(rows),
+        "max_new_tokens": max_new_tokens,
+        "accuracy": {name: r["accuracy"] for name, r in results.items()},
+        "decoders": results,
+    }
+
+
+def format_fair_table(evaluation: dict) -> str:
+    """The decoders of `fair_evaluation` as a table: exact match, correct, mean steps, new tokens per second."""
+    lines = [f"{'decoder':<24}{'exact match':>12}{'correct':>9}{'samples':>9}{'mean steps':>12}{'tokens/s':>11}"]
+    for name, r in evaluation["decoders"].items():
+        lines.append(f"{name:<24}{r['accuracy']:>12.3f}{r['correct']:>9}{r['num_samples']:>9}"
+                     f"{r['mean_refinement_steps']:>12.2f}{r['tokens_per_second']:>11.1f}")
+    return "\n".join(lines)

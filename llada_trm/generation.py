@@ -138,6 +138,13 @@ def propose(logits: Tensor, current: Tensor, mask_id: int, temperature: float, r
     return torch.where(is_masked, x0, current), torch.where(is_masked, confidence, -torch.inf)
 
 
+def all_rows_stopped(answer: Tensor, stop_token_ids: tuple[int, ...], mask_id: int) -> bool:
+    """Whether every row of `answer` (B, W) has a stop token preceded by no mask token."""
+    is_stop = torch.isin(answer, torch.tensor(stop_token_ids, device=answer.device))
+    masks_before = (answer == mask_id).long().cumsum(dim=1)
+    return bool((is_stop & (masks_before == 0)).any(dim=1).all())
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -151,12 +158,17 @@ def generate(
     remasking: str = "low_confidence",
     mask_id: int | None = None,
     generator: torch.Generator | None = None,
+    stop_token_ids: tuple[int, ...] = (),
 ) -> Tensor:
     """LLaDA sampling. prompt (B, P) token ids, left-padded when `attention_mask` (B, P), 1 = real, is given.
 
     Returns (B, P + gen_length): the prompt unchanged, then the generated tokens. At temperature 0 with
     `low_confidence` remasking the result is deterministic; otherwise it depends only on `generator`
     (a torch.Generator on the prompt's device, or None for the global RNG).
+
+    stop_token_ids: after a block, stop once every row holds one of these tokens with no mask token before it;
+    later blocks are left as mask tokens. Committed tokens never change, so the text up to the stop token is
+    exactly what the full run produces (an evaluation shortcut, not part of the official sampler).
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     _check_arguments(model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
@@ -190,6 +202,8 @@ def generate(
                 current = x[:, window]
                 x0, confidence = propose(logits[:, window], current, mask_id, temperature, remasking, generator)
                 x[:, window] = commit_top_k(current, x0, confidence, schedule[:, step])
+            if stop_token_ids and all_rows_stopped(x[:, prompt_length:block_end], stop_token_ids, mask_id):
+                break
     finally:
         model.train(was_training)
     return x

@@ -143,8 +143,8 @@ class LLaDATRMHybrid(PreTrainedModel):
             backbone_logits = self.backbone.lm_head(hidden_sup.detach())
             backbone_ce, backbone_prob, _, _ = _score(backbone_logits, targets)
         return self._assemble_output(
-            per_step, supervised, chunk_index, chunk_is_masked, backbone_ce, backbone_prob,
-            backbone_logits if return_logits else None, labels,
+            per_step, supervised, chunk_index, chunk_is_masked, input_ids == self.backbone.config.mask_token_id,
+            backbone_ce, backbone_prob, backbone_logits if return_logits else None, labels,
         )
 
     def refine_supervised(
@@ -177,7 +177,8 @@ class LLaDATRMHybrid(PreTrainedModel):
         return per_step
 
     def _assemble_output(
-        self, per_step, supervised, chunk_index, chunk_is_masked, backbone_ce, backbone_prob, backbone_logits, labels
+        self, per_step, supervised, chunk_index, chunk_is_masked, position_is_masked, backbone_ce, backbone_prob,
+        backbone_logits, labels,
     ) -> HybridOutput:
         config = self.config
         batch, length = supervised.shape
@@ -192,7 +193,8 @@ class LLaDATRMHybrid(PreTrainedModel):
         if chunk_is_masked is None:
             chunk_is_masked = torch.zeros(batch, num_chunks, dtype=torch.bool, device=supervised.device)
         chunk_weight = chunk_token_weights(
-            chunk_index, chunk_is_masked, config.deep_supervision_weight, config.unmasked_chunk_weight
+            chunk_index, chunk_is_masked, config.deep_supervision_weight, config.unmasked_chunk_weight,
+            position_is_masked,
         ) * supervised
         confidence = torch.stack(
             [self._chunk_mean(spread(max_prob), supervised, chunk_index, num_chunks) for _, _, max_prob, _, _ in per_step]
@@ -212,7 +214,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         )
         if labels is not None:
             output.loss, _ = deep_supervision_loss(step_token_loss, chunk_weight, step_weighting=config.step_weighting)
-            output.metrics = micro_batch_metrics(output, labels, chunk_index, chunk_is_masked)
+            output.metrics = micro_batch_metrics(output, labels, position_is_masked)
         return output
 
     @staticmethod
@@ -294,12 +296,13 @@ class LLaDATRMHybrid(PreTrainedModel):
         return generate(self.backbone, prompt, **kwargs)
 
 
-def micro_batch_metrics(output: HybridOutput, labels: Tensor, chunk_index: Tensor, chunk_is_masked: Tensor) -> dict[str, float]:
-    """The per-micro-batch numbers of DESIGN 4.4 (unweighted token means), as Python floats."""
+def micro_batch_metrics(output: HybridOutput, labels: Tensor, position_is_masked: Tensor) -> dict[str, float]:
+    """The per-micro-batch numbers of DESIGN 4.4 (unweighted token means), as Python floats. "Masked chunk"
+    numbers are over the masked positions (all of a masked chunk's, unless chunks are masked partially)."""
     with torch.no_grad():
         supervised = output.supervised_mask
         count = supervised.sum().clamp(min=1)
-        in_masked_chunk = torch.gather(chunk_is_masked.bool(), 1, chunk_index.clamp(min=0)) & supervised
+        in_masked_chunk = position_is_masked & supervised
         in_unmasked_chunk = supervised & ~in_masked_chunk
         last = output.step_token_loss[-1]
 

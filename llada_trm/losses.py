@@ -15,12 +15,19 @@ from torch import Tensor
 
 
 def chunk_token_weights(
-    chunk_index: Tensor, chunk_is_masked: Tensor, deep_supervision_weight: float, unmasked_chunk_weight: float
+    chunk_index: Tensor, chunk_is_masked: Tensor, deep_supervision_weight: float, unmasked_chunk_weight: float,
+    position_is_masked: Tensor | None = None,
 ) -> Tensor:
-    """c_t (B, L): 1 + deep_supervision_weight in masked chunks, unmasked_chunk_weight in the others, 0 outside."""
+    """c_t (B, L): 1 + deep_supervision_weight in masked chunks, unmasked_chunk_weight in the others, 0 outside.
+
+    position_is_masked (B, L), when given, decides per position instead (the positions whose input is the mask
+    token): with partial chunk masking the visible tokens of a masked chunk are copies and weigh as unmasked ones.
+    With whole-chunk masking both rules agree.
+    """
     in_chunk = chunk_index >= 0
-    masked_here = torch.gather(chunk_is_masked.bool(), 1, chunk_index.clamp(min=0)) & in_chunk
-    weights = torch.where(masked_here, 1.0 + deep_supervision_weight, unmasked_chunk_weight)
+    if position_is_masked is None:
+        position_is_masked = torch.gather(chunk_is_masked.bool(), 1, chunk_index.clamp(min=0))
+    weights = torch.where(position_is_masked & in_chunk, 1.0 + deep_supervision_weight, unmasked_chunk_weight)
     return weights * in_chunk
 
 

@@ -157,7 +157,7 @@ def run_blocks(
 class LLaDAOutput(ModelOutput):
     logits: Tensor | None = None
     last_hidden_state: Tensor | None = None  # after ln_f, (B, L, d_model)
-    past_key_values: KVCache | None = None
+    cache: KVCache | None = None  # `cache`, as transformers >= 5.24 names it (it renames past_key_values)
 
 
 class LLaDAModel(nn.Module):
@@ -242,5 +242,5 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         return LLaDAOutput(
             logits=transformer.ff_out(hidden) if return_logits else None,
             last_hidden_state=hidden if output_hidden_states else None,
-            past_key_values=cache,
+            cache=cache,
         )

@@ -32,14 +32,15 @@ class MicroBatchResult:
 
 
 class HybridObjective:
-    def __init__(self, model_config, truncation: TruncationConfig, weighting: WeightingConfig):
+    def __init__(self, model_config, truncation: TruncationConfig, weighting: WeightingConfig, mask_token_id: int):
         self.config, self.truncation, self.weighting = model_config, truncation, weighting
+        self.mask_token_id = mask_token_id
 
     def pre_count(self, batch: dict) -> Tensor:
         """sum of c_t over supervised tokens, before truncation (computable without a forward pass)."""
         weights = chunk_token_weights(
             batch["chunk_index"], batch["chunk_is_masked"], self.config.deep_supervision_weight,
-            self.config.unmasked_chunk_weight,
+            self.config.unmasked_chunk_weight, position_is_masked=batch["input_ids"] == self.mask_token_id,
         )
         return (weights * (batch["labels"] != -100)).sum().float()
 

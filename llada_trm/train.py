@@ -7,11 +7,13 @@ stopped by repeated non-finite steps exits with code 1.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .arguments import UsageError, parse_arguments
 from .configuration_hybrid import HybridConfigError
 from .configuration_llada import LLaDAConfigError
 from .data import DataArgumentError, DataError
+from .evaluation import format_fair_table
 from .modeling_llada import CheckpointMismatchError
 from .trainer import Trainer, TrainingError
 
@@ -30,13 +32,19 @@ def print_summary(trainer: Trainer, summary: dict) -> None:
     print("\n=== done ===")
     print(f"steps: {summary['state']['global_step']} (empty {summary['state']['empty_steps']}, "
           f"skipped {summary['state']['skipped_steps']})")
-    for key in sorted(k for k in summary if k.startswith("eval_")):
+    for key in sorted(k for k in summary if k.startswith("eval_") and not k.startswith("eval_accuracy_")):
         print(f"{key}: {summary[key]:.4f}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"model: {summary['model']}")
     if trainer.args.model.objective == "hybrid":
         sample_generation(trainer, summary["model"])
         print(f"generate: python -m llada_trm.generate --checkpoint {summary['model']} --prompt \"<question>\"")
+    if trainer.fair_eval is not None:
+        fair = trainer.fair_eval
+        print(f"\nexact match on {fair['num_samples']} held-out problems ({trainer.args.data.eval_split} split, "
+              f"{fair['max_new_tokens']} new tokens at most, temperature 0):")
+        print(format_fair_table(fair))
+        print(f"written to {Path(trainer.args.train.output_dir) / 'eval_results.json'}")
 
 
 def sample_generation(trainer: Trainer, model_dir: str) -> None:
@@ -45,8 +53,8 @@ def sample_generation(trainer: Trainer, model_dir: str) -> None:
     row = data.dataset[0]
     prompt_ids = [i for i, c, a in zip(row["input_ids"], row["chunk_index"], row["attention_mask"]) if c < 0 and a]
     model = trainer.accelerator.unwrap_model(trainer.model)
-    result = model.generate_with_refinement(prompt_ids, tokenizer=trainer.tokenizer,
-                                            max_length=trainer.args.train.eval_max_length)
+    budget = trainer.fair_eval["max_new_tokens"] if trainer.fair_eval else 256
+    result = model.generate_with_refinement(prompt_ids, tokenizer=trainer.tokenizer, max_new_tokens=budget)
     print("sample prompt:", trainer.tokenizer.decode(prompt_ids, skip_special_tokens=True).strip().replace("\n", " "))
     print("sample generation:", result.texts[0].strip().replace("\n", " | "))
     print("reference answer:", row["answer"])

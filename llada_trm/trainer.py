@@ -37,6 +37,7 @@ from .collator import ChunkMaskingCollator, mask_seed, pad_batch
 from .configuration_hybrid import HybridConfig
 from .data import prepare_dataset
 from .debug_view import debug_enabled, format_chunk_inspection
+from .evaluation import default_new_token_budget, fair_evaluation, scored_rows
 from .defaults import resolve_backbone_path
 from .hybrid import LLaDATRMHybrid
 from .modeling_llada import LLaDAModelLM
@@ -137,9 +138,11 @@ class Trainer:
         self.model = build_model(args)
         mask_id, pad_id = self.tokenizer.mask_token_id, self.tokenizer.pad_token_id
         if m.objective == "hybrid":
-            self.objective = HybridObjective(self.model.config, args.truncation, args.weighting)
-            self.collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed)
-            eval_collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed + 1)
+            self.objective = HybridObjective(self.model.config, args.truncation, args.weighting, mask_id)
+            self.collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed,
+                                                 partial_chunk_masking=m.partial_chunk_masking)
+            eval_collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed + 1,
+                                                 partial_chunk_masking=m.partial_chunk_masking)
         else:
             self.objective = LLaDASFTObjective(mask_id)
             self.collator = eval_collator = _PadOnly(pad_id, m.chunk_size)
@@ -161,6 +164,9 @@ class Trainer:
         self.state = TrainerState()
         self.metrics = MetricsLog(acc, t.output_dir)
         self.truncation_log = TruncationLogger(t.output_dir, args.truncation, acc.is_main_process)
+        self.fair_eval: dict | None = None  # the last answer_accuracy(), for eval_results.json
+        self.backbone_eval: dict | None = None  # its LLaDA-sampler row, reused while the backbone is frozen
+        self.train_seconds = 0.0  # wall time inside optimiser steps (no evaluation, no checkpoints), this process
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         dataset = dataset.select_columns([c for c in BATCH_COLUMNS if c in dataset.column_names])
@@ -261,25 +267,44 @@ class Trainer:
         return metrics
 
     def answer_accuracy(self) -> dict:
-        """Exact-match accuracy with generate_with_refinement and with the backbone alone (main process)."""
-        t = self.args.train
+        """Fair exact match on the held-out problems (main process): the backbone with LLaDA's sampler and through
+        the chunk decoder, and the hybrid with generate_with_refinement. Kept in `self.fair_eval` as well."""
+        t, m = self.args.train, self.args.model
         if self.eval_data is None or t.eval_max_samples == 0 or not self.accelerator.is_main_process:
             return {}
-        from .evaluation import answer_accuracy
-
         model = self.accelerator.unwrap_model(self.model)
-        hybrid = model if isinstance(model, LLaDATRMHybrid) else _backbone_only_hybrid(model, self.args)
-        results = {}
-        modes = (("refined", True), ("backbone", False)) if hybrid is model else (("backbone", False),)
-        for name, refine in modes:
-            scores = answer_accuracy(hybrid, self.tokenizer, self.eval_data.dataset, max_length=t.eval_max_length,
-                                     enable_refinement=refine, batch_size=t.eval_batch_size or t.batch_size,
-                                     max_samples=t.eval_max_samples, progress=False)
-            results.update({f"eval_accuracy_{name}": scores["accuracy"]})
-            if refine:
-                results["eval_mean_refinement_steps"] = scores.get("mean_refinement_steps", 0.0)
+        is_hybrid = isinstance(model, LLaDATRMHybrid)
+        backbone = model.backbone if is_hybrid else model
+        rows, _ = scored_rows(self.eval_data.dataset, t.eval_max_samples)
+        budget = t.eval_max_new_tokens or default_new_token_budget(rows, m.chunk_size)
+        options = dict(tokenizer=self.tokenizer, rows=rows, max_new_tokens=budget, chunk_size=m.chunk_size,
+                       batch_size=t.eval_batch_size or t.batch_size, progress=False,
+                       decode_steps_per_chunk=t.eval_decode_steps_per_chunk)
+        # A frozen backbone answers the same at every evaluation: its sampler row is computed once.
+        reuse = is_hybrid and self.backbone_eval is not None and model.config.freeze_backbone
+        evaluation = fair_evaluation(
+            backbone=None if reuse else backbone, hybrid=model if is_hybrid else None,
+            backbone_hybrid=None if is_hybrid else _backbone_only_hybrid(model, self.args), **options)
+        if reuse:
+            evaluation["decoders"] = {"backbone_llada_sampler": self.backbone_eval, **evaluation["decoders"]}
+            evaluation["accuracy"] = {"backbone_llada_sampler": self.backbone_eval["accuracy"], **evaluation["accuracy"]}
+        self.backbone_eval = evaluation["decoders"]["backbone_llada_sampler"]
+        evaluation["accuracy"].setdefault("hybrid_refined", None)
+        self.fair_eval = {"step": self.state.global_step, **evaluation}
         model.train()
-        return results
+        metrics = {f"eval_accuracy_{name}": value for name, value in evaluation["accuracy"].items() if value is not None}
+        metrics["eval_num_samples"] = evaluation["num_samples"]
+        if is_hybrid:
+            metrics["eval_mean_refinement_steps"] = evaluation["decoders"]["hybrid_refined"]["mean_refinement_steps"]
+        return metrics
+
+    def write_eval_results(self) -> Path | None:
+        """`eval_results.json` in the run directory: the last fair evaluation (main process)."""
+        if self.fair_eval is None or not self.accelerator.is_main_process:
+            return None
+        path = Path(self.args.train.output_dir) / "eval_results.json"
+        path.write_text(json.dumps(self.fair_eval, indent=2) + "\n")
+        return path
 
     # ------------------------------------------------------------------ the loop
     def resume(self) -> None:
@@ -296,7 +321,7 @@ class Trainer:
         self.state = TrainerState(**read_trainer_state(checkpoint))
         self.say(f"resumed from {checkpoint} at step {self.state.global_step}")
 
-    def _windows(self):
+    def windows(self):
         """Yield accumulation windows of micro-batches, epoch after epoch, from the recorded position."""
         g = self.args.train.gradient_accumulation_steps
         while True:
@@ -330,10 +355,12 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_main_process,
                         desc="training")
         window_log, started = [], time.time()
-        windows = self._windows()
+        windows = self.windows()
         checkpoint, last_eval = None, {}
         while self.state.global_step < stop_at:
+            began = time.perf_counter()
             record = self.train_step(next(windows))
+            self.train_seconds += time.perf_counter() - began
             window_log.append(record)
             step = self.state.global_step
             elapsed = max(time.time() - started, 1e-9)
@@ -344,7 +371,7 @@ class Trainer:
                 window_log, started = [], time.time()
             if t.eval_steps and step % t.eval_steps == 0 and self.eval_loader is not None:
                 last_eval = {**self.evaluate(), **self.answer_accuracy()}
-                self.metrics.write({"step": step, **last_eval})
+                self.metrics.write({"step": step, "train_seconds": self.train_seconds, **last_eval})
                 self.say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
             if t.save_steps and step % t.save_steps == 0:
                 checkpoint = self.save()
@@ -353,8 +380,9 @@ class Trainer:
             checkpoint = self.save()
         if self.eval_loader is not None and not (t.eval_steps and self.state.global_step % t.eval_steps == 0):
             last_eval = {**self.evaluate(), **self.answer_accuracy()}
-            self.metrics.write({"step": self.state.global_step, **last_eval})
+            self.metrics.write({"step": self.state.global_step, "train_seconds": self.train_seconds, **last_eval})
         final_model = self._export_final(checkpoint)
+        self.write_eval_results()
         acc.end_training()
         return {"checkpoint": str(checkpoint), "model": str(final_model), "state": asdict(self.state), **last_eval}
 

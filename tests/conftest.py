@@ -21,6 +21,11 @@ def make_config(**overrides) -> LLaDAConfig:
     return LLaDAConfig(**fields)
 
 
+def shipped_vocab_size(tokenizer) -> int:
+    """The shipped tokenizer's size rounded up to a multiple of 64, as the pretraining command sizes the model."""
+    return 64 * -(-len(tokenizer) // 64)
+
+
 @pytest.fixture
 def tiny_config() -> LLaDAConfig:
     return make_config()
@@ -45,8 +50,9 @@ def backbone_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLADA_PATH)
+    vocab = shipped_vocab_size(tokenizer)
     config = LLaDAConfig(
-        d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=64, vocab_size=448, embedding_size=448,
+        d_model=32, n_heads=2, n_layers=1, mlp_hidden_size=64, vocab_size=vocab, embedding_size=vocab,
         rope_theta=10000.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, mask_token_id=tokenizer.mask_token_id,
     )

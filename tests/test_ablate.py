@@ -26,7 +26,7 @@ def step_record(step, loss, ratio=0.0, seqs=0.0, raw=None, empty=0):
 
 def trainer_summary(eval_loss, ppl, accuracy, empty=0, skipped=0, steps=20):
     return {"checkpoint": "c", "model": "m", "eval_loss": eval_loss, "eval_perplexity": ppl,
-            "eval_accuracy_refined": accuracy, "eval_accuracy_backbone": 0.1,
+            "eval_accuracy_hybrid_refined": accuracy, "eval_accuracy_backbone_llada_sampler": 0.1,
             "state": {"global_step": steps, "empty_steps": empty, "skipped_steps": skipped}}
 
 
@@ -107,7 +107,7 @@ def test_bad_flags_exit_2_without_traceback(flags, fragment, tmp_path, capsys):
 
 def test_two_rungs_train_and_are_summarised(backbone_dir, tmp_path, capsys):
     extra = ("--max_steps 2 --num_synthetic_train 16 --num_synthetic_eval 4 --batch_size 4 --eval_max_samples 2 "
-             "--eval_max_length 96 --max_recursive_steps 2 --min_recursive_steps 1 --head_hidden_size 32 "
+             "--eval_max_new_tokens 48 --max_recursive_steps 2 --min_recursive_steps 1 --head_hidden_size 32 "
              "--max_length 192")
     argv = ["--epochs", "1", "--output_dir", str(tmp_path), "--rungs", "baseline,A2",
             "--model_name_or_path", str(backbone_dir), "--extra", extra]

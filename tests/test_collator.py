@@ -208,3 +208,61 @@ def test_bad_inputs():
     del feature["sample_id"]
     with pytest.raises(ValueError, match="sample_id"):
         collator([feature])
+
+
+# ------------------------------------------------------------------------------------- partial chunk masking
+def test_partial_masking_masks_the_same_chunks_and_keeps_prompt_and_other_chunks():
+    features = [make_feature(7 + i, 40 + 13 * i, 16, i) for i in range(6)]
+    whole = ChunkMaskingCollator(MASK, PAD, chunk_size=16, mask_probability=0.4, seed=3)(features)
+    partial = ChunkMaskingCollator(MASK, PAD, chunk_size=16, mask_probability=0.4, seed=3,
+                                   partial_chunk_masking=True)(features)
+    assert torch.equal(partial["chunk_is_masked"], whole["chunk_is_masked"])
+    for name in ("labels", "attention_mask", "chunk_index"):
+        assert torch.equal(partial[name], whole[name])
+    is_mask = partial["input_ids"] == MASK
+    original = pad_batch(features, PAD, 16)["input_ids"]
+    assert bool((partial["input_ids"][~is_mask] == original[~is_mask]).all())  # visible tokens are the originals
+    assert not bool(is_mask[partial["chunk_index"] < 0].any())  # prompt and pads are never masked
+    assert bool((whole["input_ids"][is_mask] == MASK).all())  # only positions of drawn chunks are masked
+    chunk_of = partial["chunk_index"].clamp(min=0)
+    for row in range(len(features)):
+        for k in partial["chunk_is_masked"][row].nonzero().flatten().tolist():
+            assert bool(is_mask[row][(chunk_of[row] == k) & (partial["chunk_index"][row] >= 0)].any())
+
+
+def test_partial_masking_positions_follow_the_pure_draw():
+    features = [make_feature(5, 60, 16, sample_id) for sample_id in (11, 12)]  # 60 + EOS: 4 chunks
+    collator = ChunkMaskingCollator(MASK, PAD, chunk_size=16, mask_probability=0.5, seed=9, partial_chunk_masking=True)
+    collator.set_epoch(2)
+    batch = collator(features)
+    for row, feature in enumerate(features):
+        drawn = draw_masked_chunks(4, 0.5, 9, 2, feature["sample_id"], partial_chunk_size=16)
+        reasoning = batch["chunk_index"][row] >= 0
+        assert torch.equal(batch["input_ids"][row][reasoning].view(4, 16) == MASK, drawn)
+
+
+def test_partial_masking_fraction_follows_the_drawn_rate():
+    """Rate r ~ U(0, 1) per masked chunk, each token masked with r, at least one: mean fraction (1 + (C-1)/2) / C,
+    and the fractions spread over the whole range (whole-chunk masking would always give 1)."""
+    size, fractions = 16, []
+    for sample_id in range(600):
+        drawn = draw_masked_chunks(4, 0.5, 0, 0, sample_id, partial_chunk_size=size)
+        for chunk in drawn[drawn.any(dim=1)]:
+            fractions.append(chunk.float().mean().item())
+    fractions = torch.tensor(fractions)
+    assert len(fractions) > 1000
+    assert abs(fractions.mean().item() - (1 + (size - 1) / 2) / size) < 0.02
+    assert (fractions < 0.25).float().mean() > 0.15 and (fractions > 0.75).float().mean() > 0.15
+    assert fractions.min() >= 1 / size
+
+
+def test_visible_tokens_of_a_partially_masked_chunk_weigh_as_unmasked():
+    from llada_trm.losses import chunk_token_weights
+
+    chunk_index = torch.tensor([[-1, 0, 0, 1, 1]])
+    chunk_is_masked = torch.tensor([[True, False]])
+    by_chunk = chunk_token_weights(chunk_index, chunk_is_masked, 0.3, 0.5)
+    assert torch.allclose(by_chunk, torch.tensor([[0.0, 1.3, 1.3, 0.5, 0.5]]))
+    by_position = chunk_token_weights(chunk_index, chunk_is_masked, 0.3, 0.5,
+                                      position_is_masked=torch.tensor([[False, True, False, False, False]]))
+    assert torch.allclose(by_position, torch.tensor([[0.0, 1.3, 0.5, 0.5, 0.5]]))

@@ -1,4 +1,4 @@
-"""answer_accuracy on a model whose answer is known, and the generate / evaluate command lines."""
+"""Exact-match evaluation on a model whose answer is known, and the generate / evaluate command lines."""
 
 import io
 import json
@@ -9,12 +9,14 @@ import sys
 import datasets
 import pytest
 import torch
-from conftest import make_config
+from conftest import make_config, shipped_vocab_size
 
 from llada_trm import LLaDAModelLM
 from llada_trm.configuration_hybrid import HybridConfig
 from llada_trm.data import layout_sample
-from llada_trm.evaluation import answer_accuracy, prompt_ids_of
+from llada_trm.generation import generate
+from llada_trm.evaluation import (chunk_decoder_accuracy, default_new_token_budget, fair_evaluation,
+                                  llada_sampler_accuracy, prompt_ids_of, scored_rows)
 from llada_trm.hybrid import LLaDATRMHybrid
 from llada_trm.layout import render_prompt
 
@@ -38,7 +40,8 @@ def answering_model(shipped_tokenizer) -> LLaDATRMHybrid:
     """A tiny backbone overfitted to reason `<answer>7</answer>` in one chunk after any question; the head is
     fresh (zero out_proj), so hybrid and backbone answer the same."""
     torch.manual_seed(0)
-    backbone = LLaDAModelLM(make_config(vocab_size=448, embedding_size=448, max_sequence_length=128))
+    vocab = shipped_vocab_size(shipped_tokenizer)
+    backbone = LLaDAModelLM(make_config(vocab_size=vocab, embedding_size=vocab, max_sequence_length=128))
     target = shipped_tokenizer("<answer>7</answer>", add_special_tokens=False)["input_ids"]
     rows = [prepared_row(shipped_tokenizer, q, target, "7") for q in QUESTIONS]
     width = max(len(r["input_ids"]) for r in rows)
@@ -50,8 +53,10 @@ def answering_model(shipped_tokenizer) -> LLaDATRMHybrid:
     masked = torch.full_like(labels, shipped_tokenizer.mask_token_id)
     inputs = torch.where(labels != -100, masked, column("input_ids", 1))
     optimizer = torch.optim.Adam(backbone.parameters(), lr=1e-2)
-    for _ in range(150):
-        logits = backbone(input_ids=inputs, attention_mask=column("attention_mask", 0), chunk_index=chunk_index).logits
+    for step in range(150):
+        # Block-causal (the chunk decoder) and bidirectional (LLaDA's sampler) in turn, so both decoders answer 7.
+        logits = backbone(input_ids=inputs, attention_mask=column("attention_mask", 0),
+                          chunk_index=chunk_index if step % 2 else None).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         optimizer.zero_grad()
         loss.backward()
@@ -61,6 +66,12 @@ def answering_model(shipped_tokenizer) -> LLaDATRMHybrid:
     model = LLaDATRMHybrid(config, backbone=backbone.eval()).eval()
     out = model.generate_with_refinement(QUESTIONS + ["Zoe has 9 shells."], tokenizer=shipped_tokenizer, max_length=100)
     assert out.texts == ["<answer>7</answer>"] * 4, "the overfitted model should answer 7"
+    rows = [prompt_ids(shipped_tokenizer, q) for q in QUESTIONS]
+    width = max(map(len, rows))
+    ids = torch.tensor([[1] * (width - len(r)) + r for r in rows])
+    sampled = generate(backbone, ids, (ids != 1).long(), steps=8, gen_length=8, block_length=CHUNK)
+    assert all(shipped_tokenizer.decode(row[width:width + 3]) == "<answer>7</answer>" for row in sampled.tolist()), \
+        "LLaDA's sampler should answer 7 as well"
     return model
 
 
@@ -88,24 +99,49 @@ def test_prompt_ids_are_the_real_prompt_region(shipped_tokenizer):
 
 
 @pytest.mark.parametrize("refine", [True, False])
-def test_answer_accuracy_scores_exact_matches(answering_model, shipped_tokenizer, refine):
-    def score(answers, **kwargs):
-        return answer_accuracy(answering_model, shipped_tokenizer, rows_with_answers(shipped_tokenizer, answers),
-                               max_length=100, enable_refinement=refine, batch_size=2, progress=False, **kwargs)
+def test_chunk_decoder_accuracy_scores_exact_matches(answering_model, shipped_tokenizer, refine):
+    def score(answers):
+        return chunk_decoder_accuracy(answering_model, shipped_tokenizer, rows_with_answers(shipped_tokenizer, answers),
+                                      max_new_tokens=12, enable_refinement=refine, batch_size=2, progress=False)
 
     right = score(["7", " 7 ", "7"])
     assert right["accuracy"] == 1.0 and right["correct"] == 3 and right["num_samples"] == 3
     assert right["new_tokens"] == 3 * 3 and right["tokens_per_second"] > 0
     assert 1 <= right["mean_refinement_steps"] <= 2 if refine else right["mean_refinement_steps"] == 0.0
     assert score(["8", "70", "seven"])["accuracy"] == 0.0
-    mixed = score(["7", "8", "", "7"], max_samples=3)
-    assert (mixed["accuracy"], mixed["num_samples"], mixed["skipped_no_reference"]) == (0.5, 2, 1)
 
 
-def test_answer_accuracy_reads_a_prepared_dataset(answering_model, shipped_tokenizer):
-    dataset = datasets.Dataset.from_list(rows_with_answers(shipped_tokenizer, ["7", "9"]))
-    result = answer_accuracy(answering_model, shipped_tokenizer, dataset, max_length=100, progress=False)
-    assert result["accuracy"] == 0.5
+def test_llada_sampler_accuracy_scores_exact_matches(answering_model, shipped_tokenizer):
+    def score(answers, batch_size=2):
+        return llada_sampler_accuracy(answering_model.backbone, shipped_tokenizer,
+                                      rows_with_answers(shipped_tokenizer, answers), max_new_tokens=10,
+                                      block_length=CHUNK, batch_size=batch_size, progress=False)
+
+    right = score(["7", "7", " 7"])
+    assert (right["accuracy"], right["correct"], right["num_samples"]) == (1.0, 3, 3)
+    assert right["new_tokens"] == 3 * 3  # up to and including </answer>, as the chunk decoder counts
+    assert right["mean_refinement_steps"] == 0.0 and right["tokens_per_second"] > 0
+    assert score(["7", "8", "9", "7"], batch_size=3)["accuracy"] == 0.5
+
+
+def test_scored_rows_and_the_default_budget(shipped_tokenizer):
+    rows = rows_with_answers(shipped_tokenizer, ["7", "", "8", "7"])
+    scored, unscored = scored_rows(rows, max_samples=3)
+    assert [r["answer"] for r in scored] == ["7", "8"] and unscored == 1
+    reasoning = sum(label != -100 for label in rows[0]["labels"])  # reasoning + EOS, whole chunks
+    assert reasoning % CHUNK == 0 and default_new_token_budget(rows, CHUNK) == reasoning + CHUNK
+
+
+def test_fair_evaluation_scores_every_decoder_on_the_same_rows(answering_model, shipped_tokenizer):
+    rows = rows_with_answers(shipped_tokenizer, ["7", "8", "7"])
+    result = fair_evaluation(shipped_tokenizer, rows, 12, CHUNK, backbone=answering_model.backbone,
+                             hybrid=answering_model, progress=False)
+    assert result["num_samples"] == 3 and result["max_new_tokens"] == 12
+    assert result["accuracy"] == {"backbone_llada_sampler": 2 / 3, "backbone_chunked": 2 / 3, "hybrid_refined": 2 / 3}
+    assert all(r["num_samples"] == 3 for r in result["decoders"].values())
+    only_backbone = fair_evaluation(shipped_tokenizer, rows, 12, CHUNK, backbone=answering_model.backbone,
+                                    progress=False)
+    assert list(only_backbone["accuracy"]) == ["backbone_llada_sampler"]
 
 
 def run_module(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -154,18 +190,22 @@ def test_generate_cli_modes(checkpoint_dirs, capsys, monkeypatch):
     assert capsys.readouterr().out.count("Answer: 7") == 2
 
 
-def test_evaluate_cli_reports_both_modes(checkpoint_dirs, tmp_path, capsys):
+def test_evaluate_cli_reports_every_decoder(checkpoint_dirs, tmp_path, capsys):
     from llada_trm.evaluate import main
 
     checkpoint, _ = checkpoint_dirs
     records = [{"question": q, "reasoning": ["3 + 4 = 7."], "answer": a} for q, a in zip(QUESTIONS, ["7", "7", "8"])]
     data = tmp_path / "eval.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records))
+    out_json = tmp_path / "results.json"
     assert main(["--checkpoint", str(checkpoint), "--dataset_path", str(data), "--split", "train",
-                 "--max_length", "100", "--no_progress"]) == 0
+                 "--max_length", "100", "--no_progress", "--output_json", str(out_json)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    table = {line[:16].strip(): line[16:].split() for line in lines[-2:]}
-    assert table["refinement"][:3] == ["0.667", "2", "3"] and table["backbone only"][:3] == ["0.667", "2", "3"]
+    table = {line.split()[0]: line.split()[1:] for line in lines[-3:]}
+    for decoder in ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined"):
+        assert table[decoder][:3] == ["0.667", "2", "3"], decoder
+    saved = json.loads(out_json.read_text())
+    assert saved["num_samples"] == 3 and saved["accuracy"]["hybrid_refined"] == 2 / 3
     assert main(["--checkpoint", str(checkpoint), "--dataset_name", "synthetic", "--split", "test",
                  "--max_samples", "2", "--max_length", "100", "--no_progress"]) == 0
     assert main(["--checkpoint", str(tmp_path / "missing")]) == 2

@@ -320,3 +320,20 @@ def test_gumbel_argmax_samples_the_tempered_softmax(temperature):
     frequencies = torch.bincount(draws.flatten(), minlength=4).double() / draws.numel()
     assert torch.allclose(frequencies, torch.softmax(logits.double() / temperature, dim=0), atol=0.01)
     assert torch.equal(gumbel_argmax(logits[None], 0.0, None), torch.tensor([3]))
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_stop_tokens_end_early_with_the_same_text_up_to_the_stop(cfg_scale):
+    model, prompt = tiny_model(), random_prompt(3, 5)
+    full = generate(model, prompt, steps=16, gen_length=16, block_length=4, cfg_scale=cfg_scale)
+    answers = full[:, 5:]
+    stop_ids = tuple(answers[:, 5].tolist())  # every row holds one of them by the end of the second block
+    early = generate(model, prompt, steps=16, gen_length=16, block_length=4, cfg_scale=cfg_scale,
+                     stop_token_ids=stop_ids)
+    assert (early[:, 5 + 8:] == model.config.mask_token_id).all()  # the last two blocks were never decoded
+    for full_row, early_row in zip(answers.tolist(), early[:, 5:].tolist()):
+        end = min(full_row.index(t) for t in stop_ids if t in full_row) + 1
+        assert end <= 8 and early_row[:end] == full_row[:end]
+    absent = next(t for t in range(3, 64) if t not in answers)
+    assert torch.equal(generate(model, prompt, steps=16, gen_length=16, block_length=4, cfg_scale=cfg_scale,
+                                stop_token_ids=(absent,)), full)

@@ -3,7 +3,7 @@ is what the training forward predicts for it, adaptive steps, stopping, length l
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import make_config, shipped_vocab_size
 
 from llada_trm import LLaDAModelLM
 from llada_trm.configuration_hybrid import HybridConfig
@@ -143,7 +143,7 @@ def test_eos_stops_after_one_chunk():
 
 def test_answer_close_token_stops_generation(shipped_tokenizer):
     close_id = shipped_tokenizer.convert_tokens_to_ids(ANSWER_CLOSE)
-    model = force_token(tiny_hybrid(vocab=448), close_id)
+    model = force_token(tiny_hybrid(vocab=shipped_vocab_size(shipped_tokenizer)), close_id)
     out = generate_with_refinement(model, ["Mia has 3 apples. How many?", "Leo has 2 coins."],
                                    tokenizer=shipped_tokenizer, max_length=60, return_trace=True)
     assert out.new_tokens == [[close_id], [close_id]]

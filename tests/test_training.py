@@ -36,7 +36,7 @@ def read_metrics(output_dir) -> list[dict]:
 def test_cli_end_to_end_writes_checkpoint_and_metrics(backbone_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "train_llada_trm_hybrid_sft.py"),
-         *base_args(backbone_dir, tmp_path, "--max_steps", "3", "--eval_max_samples", "2", "--eval_max_length", "96")],
+         *base_args(backbone_dir, tmp_path, "--max_steps", "3", "--eval_max_samples", "2", "--eval_max_new_tokens", "48")],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -44,7 +44,12 @@ def test_cli_end_to_end_writes_checkpoint_and_metrics(backbone_dir, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert complete_checkpoints(tmp_path)[-1].name == "checkpoint-3"
-    assert "eval_accuracy_refined" in result.stdout and "checkpoint:" in result.stdout
+    assert "checkpoint:" in result.stdout
+    assert "hybrid_refined" in result.stdout and "backbone_llada_sampler" in result.stdout  # the exact-match table
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert results["num_samples"] == 2
+    assert set(results["accuracy"]) == {"backbone_llada_sampler", "backbone_chunked", "hybrid_refined"}
+    assert all(0.0 <= value <= 1.0 for value in results["accuracy"].values())
     model = LLaDATRMHybrid.from_pretrained(tmp_path / "model")
     assert model.config.backbone_name_or_path == str(backbone_dir)
 
