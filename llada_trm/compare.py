@@ -9,17 +9,19 @@ steps, trained in this process one after another: `hybrid` (frozen backbone + he
 held-out problems before training and every `--eval_every` steps with its best decoder: the hybrid with
 generate_with_refinement, a plain LLaDA with LLaDA's sampler (all rows are kept). Compute is counted three ways:
 optimiser steps, wall seconds inside optimiser steps (evaluation excluded) and FLOPs, measured with torch's
-FlopCounterMode over the method's first optimiser step and multiplied by the steps (an estimate: later batches
+FlopCounterMode over one optimiser step of a throwaway copy of the run and multiplied by the steps (an estimate: later batches
 differ in length). Writes a table, `compare_summary.json` and `compare_accuracy.png` (needs matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from torch.utils.flop_counter import FlopCounterMode
@@ -75,23 +77,26 @@ def method_argv(method: str, options: argparse.Namespace) -> list[str]:
             "--output_dir", str(Path(options.output_dir) / method)]
 
 
-def first_step_flops(trainer: Trainer) -> int:
-    """FLOPs of the trainer's next optimiser step (forward, backward, recomputation), which it then takes."""
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step(next(trainer.windows()))
+def flops_per_step(args) -> int:
+    """FLOPs (forward, backward, recomputation) of one optimiser step of a throwaway copy of the run."""
+    probe_args = copy.deepcopy(args)
+    with tempfile.TemporaryDirectory() as scratch:
+        probe_args.train.output_dir = scratch
+        probe = Trainer(probe_args)
+        with FlopCounterMode(display=False) as counter:
+            probe.train_step(next(probe.windows()))
     return counter.get_total_flops()
 
 
 def run_method(method: str, args) -> dict:
     """Train one method; its evaluation points [{step, train_seconds, flops, accuracy: {decoder: em}}, ...]."""
+    step_flops = flops_per_step(args)
     trainer = Trainer(args)
     before = trainer.answer_accuracy()
     if trainer.fair_eval is None:
         raise AblationUsageError("compare scores answers: it needs an evaluation split and --eval_max_samples > 0")
     points = [{"step": 0, "train_seconds": 0.0, "flops": 0, "accuracy": dict(trainer.fair_eval["accuracy"])}]
-    num_samples = before.get("eval_num_samples", 0)
     try:
-        flops_per_step = first_step_flops(trainer)
         trainer.train()
     except TrainingError as error:
         return {"method": method, "error": str(error), "points": points}
@@ -99,12 +104,12 @@ def run_method(method: str, args) -> dict:
         accuracy = {k.removeprefix("eval_accuracy_"): v for k, v in record.items() if k.startswith("eval_accuracy_")}
         if accuracy:
             points.append({"step": record["step"], "train_seconds": record["train_seconds"],
-                           "flops": flops_per_step * record["step"], "accuracy": accuracy})
+                           "flops": step_flops * record["step"], "accuracy": accuracy})
     best_decoder = METHODS[method][1]
     for point in points:
         point["exact_match"] = point["accuracy"].get(best_decoder)
-    return {"method": method, "decoder": best_decoder, "flops_per_step": flops_per_step,
-            "num_samples": num_samples, "points": points}
+    return {"method": method, "decoder": best_decoder, "flops_per_step": step_flops,
+            "num_samples": before["eval_num_samples"], "points": points}
 
 
 def compute_to_reach(run: dict, target: float, key: str) -> float | None:
