@@ -138,11 +138,11 @@ def propose(logits: Tensor, current: Tensor, mask_id: int, temperature: float, r
     return torch.where(is_masked, x0, current), torch.where(is_masked, confidence, -torch.inf)
 
 
-def all_rows_stopped(answer: Tensor, stop_token_ids: tuple[int, ...], mask_id: int) -> bool:
-    """Whether every row of `answer` (B, W) has a stop token preceded by no mask token."""
+def rows_stopped(answer: Tensor, stop_token_ids: tuple[int, ...], mask_id: int) -> Tensor:
+    """(B,) whether each row of `answer` (B, W) holds a stop token preceded by no mask token."""
     is_stop = torch.isin(answer, torch.tensor(stop_token_ids, device=answer.device))
     masks_before = (answer == mask_id).long().cumsum(dim=1)
-    return bool((is_stop & (masks_before == 0)).any(dim=1).all())
+    return (is_stop & (masks_before == 0)).any(dim=1)
 
 
 @torch.no_grad()
@@ -166,9 +166,10 @@ def generate(
     `low_confidence` remasking the result is deterministic; otherwise it depends only on `generator`
     (a torch.Generator on the prompt's device, or None for the global RNG).
 
-    stop_token_ids: after a block, stop once every row holds one of these tokens with no mask token before it;
-    later blocks are left as mask tokens. Committed tokens never change, so the text up to the stop token is
-    exactly what the full run produces (an evaluation shortcut, not part of the official sampler).
+    stop_token_ids: after each block, a row that holds one of these tokens with no mask token before it stops
+    decoding (its later blocks are left as mask tokens). Committed tokens never change and rows never attend to
+    each other, so at temperature 0 the text up to the stop token is exactly what the full run produces (an
+    evaluation shortcut, not part of the official sampler; with sampling, the random draws then differ).
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     _check_arguments(model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
@@ -187,6 +188,8 @@ def generate(
 
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
+    active = torch.arange(batch, device=device)  # rows still decoding (all, unless stop_token_ids)
+    out = x.clone()  # x holds the active rows only
     was_training = model.training
     model.eval()
     try:
@@ -202,8 +205,17 @@ def generate(
                 current = x[:, window]
                 x0, confidence = propose(logits[:, window], current, mask_id, temperature, remasking, generator)
                 x[:, window] = commit_top_k(current, x0, confidence, schedule[:, step])
-            if stop_token_ids and all_rows_stopped(x[:, prompt_length:block_end], stop_token_ids, mask_id):
-                break
+            if stop_token_ids:
+                # Each row attends only to itself, so a finished row can leave the batch without changing others.
+                out[active] = x
+                running = ~rows_stopped(x[:, prompt_length:block_end], stop_token_ids, mask_id)
+                if not running.any():
+                    break
+                if not running.all():
+                    active, x = active[running], x[running]
+                    if attention_mask is not None:
+                        attention_mask, position_ids = attention_mask[running], position_ids[running]
+        out[active] = x
     finally:
         model.train(was_training)
-    return x
+    return out
