@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(prepared.summary.format())
         rows, unscored = scored_rows(prepared.dataset, args.max_samples)
         budget = args.max_new_tokens or default_new_token_budget(rows, chunk_size)
-        evaluation = fair_evaluation(tokenizer, rows, budget, chunk_size, backbone=model.backbone, hybrid=model,
-                                     batch_size=args.batch_size, progress=not args.no_progress,
-                                     decode_steps_per_chunk=args.decode_steps_per_chunk)
+        models = {"backbone_llada_sampler": model.backbone, "backbone_chunked": model, "hybrid_refined": model}
+        evaluation = fair_evaluation(tokenizer, rows, budget, chunk_size, models, batch_size=args.batch_size,
+                                     progress=not args.no_progress, decode_steps_per_chunk=args.decode_steps_per_chunk)
     except (InferenceSetupError, CheckpointMismatchError, ValueError, OSError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, no traceback
         return EXIT_USAGE

@@ -130,27 +130,26 @@ def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: i
     return _run("hybrid_refined" if enable_refinement else "backbone_chunked", rows, batch_size, progress, decode)
 
 
-def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size: int, backbone=None, hybrid=None,
-                    backbone_hybrid=None, batch_size: int = 8, progress: bool = True, **decode_options) -> dict:
-    """Score the same `rows` with every decoder that applies.
+def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size: int, models: dict,
+                    batch_size: int = 8, progress: bool = True, **decode_options) -> dict:
+    """Score the same `rows` with every decoder named in `models`, in DECODERS order.
 
-    backbone: an `LLaDAModelLM` (LLaDA sampler row); backbone_hybrid: a hybrid whose head is unused (chunked row;
-    default `hybrid`); hybrid: the trained hybrid (refined row). Returns {"num_samples", "max_new_tokens",
-    "accuracy": {decoder: exact match}, "decoders": {decoder: full metrics}}.
+    models: decoder name -> model: an `LLaDAModelLM` for `backbone_llada_sampler`, an `LLaDATRMHybrid` for
+    `backbone_chunked` (its head is not used) and `hybrid_refined`. `decode_options` go to the chunk decoder.
+    Returns {"num_samples", "max_new_tokens", "accuracy": {decoder: exact match}, "decoders": {decoder: metrics}}.
     """
-    backbone_hybrid = backbone_hybrid if backbone_hybrid is not None else hybrid
+    unknown = sorted(set(models) - set(DECODERS))
+    if unknown:
+        raise ValueError(f"unknown decoder(s) {unknown}; choose from {DECODERS}")
     results = {}
-    if backbone is not None:
-        results["backbone_llada_sampler"] = llada_sampler_accuracy(
-            backbone, tokenizer, rows, max_new_tokens, chunk_size, batch_size=max(batch_size, 32), progress=progress)
-    if backbone_hybrid is not None:
-        results["backbone_chunked"] = chunk_decoder_accuracy(
-            backbone_hybrid, tokenizer, rows, max_new_tokens, enable_refinement=False, batch_size=batch_size,
-            progress=progress, **decode_options)
-    if hybrid is not None:
-        results["hybrid_refined"] = chunk_decoder_accuracy(
-            hybrid, tokenizer, rows, max_new_tokens, enable_refinement=True, batch_size=batch_size,
-            progress=progress, **decode_options)
+    for name in (d for d in DECODERS if d in models):
+        if name == "backbone_llada_sampler":
+            results[name] = llada_sampler_accuracy(models[name], tokenizer, rows, max_new_tokens, chunk_size,
+                                                   batch_size=max(batch_size, 32), progress=progress)
+        else:
+            results[name] = chunk_decoder_accuracy(models[name], tokenizer, rows, max_new_tokens,
+                                                   enable_refinement=name == "hybrid_refined",
+                                                   batch_size=batch_size, progress=progress, **decode_options)
     return {
         "num_samples": len(rows),
         "max_new_tokens": max_new_tokens,

@@ -37,8 +37,8 @@ from .collator import ChunkMaskingCollator, mask_seed, pad_batch
 from .configuration_hybrid import HybridConfig
 from .data import prepare_dataset
 from .debug_view import debug_enabled, format_chunk_inspection
-from .evaluation import default_new_token_budget, fair_evaluation, scored_rows
 from .defaults import resolve_backbone_path
+from .evaluation import default_new_token_budget, fair_evaluation, scored_rows
 from .hybrid import LLaDATRMHybrid
 from .modeling_llada import LLaDAModelLM
 from .objectives import HybridObjective, LLaDASFTObjective
@@ -165,7 +165,7 @@ class Trainer:
         self.metrics = MetricsLog(acc, t.output_dir)
         self.truncation_log = TruncationLogger(t.output_dir, args.truncation, acc.is_main_process)
         self.fair_eval: dict | None = None  # the last answer_accuracy(), for eval_results.json
-        self.backbone_eval: dict | None = None  # its LLaDA-sampler row, reused while the backbone is frozen
+        self.frozen_backbone_rows: dict = {}  # the backbone-only rows, reused while the backbone is frozen
         self.train_seconds = 0.0  # wall time inside optimiser steps (no evaluation, no checkpoints), this process
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
@@ -280,15 +280,18 @@ class Trainer:
         options = dict(tokenizer=self.tokenizer, rows=rows, max_new_tokens=budget, chunk_size=m.chunk_size,
                        batch_size=t.eval_batch_size or t.batch_size, progress=False,
                        decode_steps_per_chunk=t.eval_decode_steps_per_chunk)
-        # A frozen backbone answers the same at every evaluation: its sampler row is computed once.
-        reuse = is_hybrid and self.backbone_eval is not None and model.config.freeze_backbone
-        evaluation = fair_evaluation(
-            backbone=None if reuse else backbone, hybrid=model if is_hybrid else None,
-            backbone_hybrid=None if is_hybrid else _backbone_only_hybrid(model, self.args), **options)
-        if reuse:
-            evaluation["decoders"] = {"backbone_llada_sampler": self.backbone_eval, **evaluation["decoders"]}
-            evaluation["accuracy"] = {"backbone_llada_sampler": self.backbone_eval["accuracy"], **evaluation["accuracy"]}
-        self.backbone_eval = evaluation["decoders"]["backbone_llada_sampler"]
+        # A frozen backbone answers the same at every evaluation: its rows are computed once.
+        frozen = is_hybrid and model.config.freeze_backbone
+        models = {"backbone_llada_sampler": backbone,
+                  "backbone_chunked": model if is_hybrid else _backbone_only_hybrid(model, self.args)}
+        models = {name: m for name, m in models.items() if not (frozen and name in self.frozen_backbone_rows)}
+        if is_hybrid:
+            models["hybrid_refined"] = model
+        evaluation = fair_evaluation(models=models, **options)
+        if frozen:
+            self.frozen_backbone_rows.update({k: v for k, v in evaluation["decoders"].items() if k != "hybrid_refined"})
+            evaluation["decoders"] = {**self.frozen_backbone_rows, **evaluation["decoders"]}
+            evaluation["accuracy"] = {name: r["accuracy"] for name, r in evaluation["decoders"].items()}
         evaluation["accuracy"].setdefault("hybrid_refined", None)
         self.fair_eval = {"step": self.state.global_step, **evaluation}
         model.train()

@@ -134,14 +134,18 @@ def test_scored_rows_and_the_default_budget(shipped_tokenizer):
 
 def test_fair_evaluation_scores_every_decoder_on_the_same_rows(answering_model, shipped_tokenizer):
     rows = rows_with_answers(shipped_tokenizer, ["7", "8", "7"])
-    result = fair_evaluation(shipped_tokenizer, rows, 12, CHUNK, backbone=answering_model.backbone,
-                             hybrid=answering_model, progress=False)
+    models = {"hybrid_refined": answering_model, "backbone_llada_sampler": answering_model.backbone,
+              "backbone_chunked": answering_model}
+    result = fair_evaluation(shipped_tokenizer, rows, 12, CHUNK, models, progress=False)
     assert result["num_samples"] == 3 and result["max_new_tokens"] == 12
     assert result["accuracy"] == {"backbone_llada_sampler": 2 / 3, "backbone_chunked": 2 / 3, "hybrid_refined": 2 / 3}
     assert all(r["num_samples"] == 3 for r in result["decoders"].values())
-    only_backbone = fair_evaluation(shipped_tokenizer, rows, 12, CHUNK, backbone=answering_model.backbone,
-                                    progress=False)
+    assert list(result["accuracy"]) == ["backbone_llada_sampler", "backbone_chunked", "hybrid_refined"]
+    only_backbone = fair_evaluation(shipped_tokenizer, rows, 12, CHUNK,
+                                    {"backbone_llada_sampler": answering_model.backbone}, progress=False)
     assert list(only_backbone["accuracy"]) == ["backbone_llada_sampler"]
+    with pytest.raises(ValueError, match="unknown decoder"):
+        fair_evaluation(shipped_tokenizer, rows, 12, CHUNK, {"beam": answering_model}, progress=False)
 
 
 def run_module(*args, stdin: str | None = None) -> subprocess.CompletedProcess:

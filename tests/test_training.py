@@ -154,6 +154,37 @@ def test_llada_sft_baseline_trains_the_backbone(backbone_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path))
 
 
+def test_llada_sft_run_is_scored_with_the_sampler_and_a_frozen_backbone_once(backbone_dir, tmp_path, monkeypatch):
+    import llada_trm.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.fair_evaluation
+
+    def counting(**kwargs):
+        calls.append(sorted(kwargs["models"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(trainer_module, "fair_evaluation", counting)
+    sft = Trainer(parse_arguments(base_args(backbone_dir, tmp_path / "sft", "--max_steps", "2", "--objective",
+                                            "llada_sft", "--no_freeze_backbone", "--eval_max_samples", "2",
+                                            "--eval_max_new_tokens", "32", "--eval_steps", "1")))
+    sft.train()
+    results = json.loads((tmp_path / "sft" / "eval_results.json").read_text())
+    assert results["step"] == 2 and results["num_samples"] == 2 and results["max_new_tokens"] == 32
+    assert results["accuracy"]["hybrid_refined"] is None
+    assert set(results["decoders"]) == {"backbone_llada_sampler", "backbone_chunked"}
+    assert calls == [["backbone_chunked", "backbone_llada_sampler"]] * 2  # the trained backbone, every time
+
+    calls.clear()
+    hybrid = Trainer(parse_arguments(base_args(backbone_dir, tmp_path / "hybrid", "--max_steps", "2",
+                                               "--eval_max_samples", "2", "--eval_max_new_tokens", "32",
+                                               "--eval_steps", "1")))
+    hybrid.train()
+    assert calls == [["backbone_chunked", "backbone_llada_sampler", "hybrid_refined"], ["hybrid_refined"]]
+    results = json.loads((tmp_path / "hybrid" / "eval_results.json").read_text())
+    assert set(results["accuracy"]) == {"backbone_llada_sampler", "backbone_chunked", "hybrid_refined"}
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_loss_of_one_process_with_the_same_global_batch(backbone_dir, tmp_path):
     def run(output_dir, processes, batch_size):
