@@ -157,7 +157,11 @@ def run_blocks(
 class LLaDAOutput(ModelOutput):
     logits: Tensor | None = None
     last_hidden_state: Tensor | None = None  # after ln_f, (B, L, d_model)
-    past_key_values: KVCache | None = None
+    cache: KVCache | None = None  # named `cache`: transformers >= 5.24 renames a `past_key_values` field to it
+
+    @property
+    def past_key_values(self) -> KVCache | None:
+        return self.cache
 
 
 class LLaDAModel(nn.Module):
@@ -242,5 +246,5 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         return LLaDAOutput(
             logits=transformer.ff_out(hidden) if return_logits else None,
             last_hidden_state=hidden if output_hidden_states else None,
-            past_key_values=cache,
+            cache=cache,
         )
