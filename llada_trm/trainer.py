@@ -38,6 +38,7 @@ from .configuration_hybrid import HybridConfig
 from .data import prepare_dataset
 from .debug_view import debug_enabled, format_chunk_inspection
 from .defaults import resolve_backbone_path
+from .grad_trace import build_grad_tracer
 from .hybrid import LLaDATRMHybrid
 from .modeling_llada import LLaDAModelLM
 from .objectives import HybridObjective, LLaDASFTObjective
@@ -161,6 +162,7 @@ class Trainer:
         self.state = TrainerState()
         self.metrics = MetricsLog(acc, t.output_dir)
         self.truncation_log = TruncationLogger(t.output_dir, args.truncation, acc.is_main_process)
+        self.grad_tracer = build_grad_tracer(self) if t.token_grad_trace_every else None
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         dataset = dataset.select_columns([c for c in BATCH_COLUMNS if c in dataset.column_names])
@@ -171,6 +173,8 @@ class Trainer:
     # ------------------------------------------------------------------ one optimiser step
     def train_step(self, window: list[dict]) -> dict:
         acc, t = self.accelerator, self.args.train
+        if self.grad_tracer is not None:  # before any backward: the gradient this step will take
+            self.grad_tracer.maybe_trace(self, window[0])
         pre_count = acc.reduce(sum(self.objective.pre_count(b) for b in window).to(acc.device), "sum")
         scale = acc.num_processes / pre_count.clamp(min=1e-12)
         loss_sum, kept, tokens, metric_sums, last = 0.0, 0.0, 0, {}, None

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from .exact import DEFAULT_MAX_BYTES, LinearCapture, TokenGradients, batched_token_gradients
-from .selection import fast_linears, parse_patterns, select_parameters
+from ..arguments import UsageError
+from .selection import TraceSelectionError, fast_linears, parse_patterns, select_parameters
 from .token_types import TokenTexts
 from .views import HybridView, LLaDASFTView, MicroBatchTrace
 
@@ -162,3 +163,17 @@ def _cosine(dot: float, norm: float, other: float) -> float | None:
 
 def _sample_id(batch: dict, row: int) -> int:
     return int(batch["sample_id"][row]) if "sample_id" in batch else row
+
+
+def build_grad_tracer(trainer) -> TokenGradTracer:
+    """The tracer of a training run; a parameter selection that cannot be used is a UsageError."""
+    acc, args = trainer.accelerator, trainer.args
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise UsageError("--token_grad_trace_every needs the whole parameters on the main process; parameter "
+                         "sharding (FSDP, DeepSpeed) does not keep them there: trace with DDP or one process")
+    try:
+        return TokenGradTracer(acc.unwrap_model(trainer.model), args.model.objective, trainer.objective,
+                               trainer.tokenizer, args.train.output_dir, args.train.token_grad_trace_every,
+                               args.train.token_grad_trace_params, write=acc.is_main_process)
+    except TraceSelectionError as error:
+        raise UsageError(str(error)) from None
