@@ -155,7 +155,8 @@ def parse_arguments(argv: list[str] | None = None, environ=None) -> RunArguments
             else TruncationConfig.from_env(environ=environ, overrides=flags)
         )
         data.validate()
-        weighting.validate(has_frozen_reference=model.freeze_backbone and not model.use_lora)
+        # Under LoRA the reference is the backbone with its adapters disabled (lora_reference.py).
+        weighting.validate(has_frozen_reference=model.freeze_backbone or model.use_lora)
     except ValueError as error:
         raise UsageError(str(error)) from None
     validate(model, train)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .diffusion import forward_mask, llada_sft_loss
 from .losses import chunk_token_weights, deep_supervision_loss
+from .lora_reference import reference_label_prob
 from .truncation import TruncationConfig, TruncationDecision, truncation_decisions
 from .weighting import WeightingConfig, token_weights
 
@@ -54,7 +55,8 @@ class HybridObjective:
         weights = None
         if token_filters and self.weighting.loss_weighting != "none":
             weights = token_weights(
-                self.weighting, final_loss, decision.keep, output.final_label_prob, output.backbone_label_prob
+                self.weighting, final_loss, decision.keep, output.final_label_prob,
+                reference_label_prob(model, batch, output, self.weighting.loss_weighting),
             )
         coefficient = output.chunk_weight * decision.keep
         loss_sum, _ = deep_supervision_loss(

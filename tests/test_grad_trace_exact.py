@@ -157,3 +157,32 @@ def test_unknown_parameter_pattern_is_an_error_naming_it():
     objective = HybridObjective(model.config, TruncationConfig(), WeightingConfig())
     with pytest.raises(ValueError, match="head.no_such_layer"):
         TokenGradTracer(model, "hybrid", objective, params="head.no_such_layer", write=False)
+
+
+def test_llada_sft_with_lora_adapters_equals_per_token_autograd():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    backbone = peft.get_peft_model(LLaDAModelLM(make_config()),
+                                   peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "attn_out"]))
+    for name, p in backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    backbone.eval()
+    objective = LLaDASFTObjective(mask_token_id=2)
+    batch = make_batch(batch=4, chunks=4)
+    tracer = TokenGradTracer(backbone, "llada_sft", objective, write=False)
+    assert any("q_proj.lora_A" in n for n in tracer.fast) and any("v_proj.lora_B" in n for n in tracer.general)
+    norms, alignments, tokens = traced(tracer.trace(backbone, batch, torch.Generator().manual_seed(1), step=1))
+
+    from llada_trm.diffusion import forward_mask
+
+    is_response = batch["labels"] != -100
+    targets = batch["labels"].where(is_response, batch["input_ids"])
+    noisy, is_masked, _ = forward_mask(targets, is_response, 2, torch.Generator().manual_seed(1))
+    logits = backbone(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    rows, positions = is_masked.nonzero(as_tuple=True)
+    weights = torch.tensor([r["loss_weight"] for r in tokens])
+    want_norms, want_alignments = reference(backbone, list(ce[rows, positions]), weights, tracer.chosen)
+    torch.testing.assert_close(norms, want_norms, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(alignments, want_alignments, rtol=1e-4, atol=1e-5)
