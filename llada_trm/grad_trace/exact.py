@@ -14,8 +14,8 @@ G being the micro-batch's aggregate gradient. Two paths, whose results add up ov
   ever formed.
 - `batched_token_gradients` (everything else): per-token backward passes, vectorised over a chunk of tokens
   with `torch.autograd.grad(..., is_grads_batched=True)`, one step's loss at a time (with detached steps a
-  step's backward only visits that step's graph). The chunk is sized so that the per-token gradients of one
-  chunk stay under `max_bytes`.
+  step's backward only visits that step's graph). The chunk is sized so that the per-token gradients held at
+  once (one step's and their running alpha-sum, float32) stay under `max_bytes`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-DEFAULT_MAX_BYTES = 256 * 2**20
+DEFAULT_MAX_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -123,27 +123,30 @@ def batched_token_gradients(step_losses: list[Tensor], params: list[Tensor], agg
     size = sum(p.numel() for p in params)
     if not params or n == 0:
         return result
-    chunk = max(1, min(n, max_bytes // max(1, 8 * steps * size)))
-    G, a64 = aggregate.double(), alpha.double().to(aggregate.device)
+    # Two (chunk, P) float32 buffers live at a time: one step's per-token gradients and their alpha-sum.
+    chunk = max(1, min(n, max_bytes // max(1, 8 * size)))
+    G = aggregate.float()
     for start in range(0, n, chunk):
         index = torch.arange(start, min(n, start + chunk), device=aggregate.device)
-        per_step = torch.stack([_batched_grads(loss, params, index, size) for loss in step_losses])  # (S, k, P)
-        result.step_norm2[:, index] = per_step.pow(2).sum(-1)
-        result.step_dot[:, index] = per_step @ G
-        combined = torch.einsum("s,skp->kp", a64, per_step)
-        result.norm2[index] = combined.pow(2).sum(-1)
-        result.dot[index] = combined @ G
+        combined = None
+        for s, loss in enumerate(step_losses):
+            grads = _batched_grads(loss, params, index, size)  # (k, P)
+            result.step_norm2[s, index] = grads.pow(2).sum(-1).double()
+            result.step_dot[s, index] = (grads @ G).double()
+            combined = grads.mul_(alpha[s]) if combined is None else combined.add_(grads, alpha=float(alpha[s]))
+        result.norm2[index] = combined.pow(2).sum(-1).double()
+        result.dot[index] = (combined @ G).double()
     return result
 
 
 def _batched_grads(loss: Tensor, params: list[Tensor], index: Tensor, size: int) -> Tensor:
-    """(k, P) float64: the gradient of loss[i] for each i in index, flattened over params."""
+    """(k, P) float32: the gradient of loss[i] for each i in index, flattened over params."""
     k = index.numel()
     if not loss.requires_grad:
-        return torch.zeros(k, size, dtype=torch.float64, device=index.device)
+        return torch.zeros(k, size, device=index.device)
     cotangent = torch.zeros(k, loss.numel(), dtype=loss.dtype, device=loss.device)
     cotangent[torch.arange(k, device=loss.device), index.to(loss.device)] = 1
     grads = torch.autograd.grad(loss, params, grad_outputs=cotangent, is_grads_batched=True, retain_graph=True,
                                 allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros(k, *p.shape, device=p.device)).reshape(k, -1).double()
+    return torch.cat([(g if g is not None else torch.zeros(k, *p.shape, device=p.device)).reshape(k, -1).float()
                       for g, p in zip(grads, params)], dim=1)

@@ -41,13 +41,15 @@ SCRIPT = """
 const info = document.getElementById('info');
 function show(el) { info.textContent = el.title; }
 document.querySelectorAll('.tok').forEach(el => el.addEventListener('mouseenter', () => show(el)));
-document.getElementById('toggle').addEventListener('click', () => {
+function toggle() {
   document.body.classList.toggle('magnitude');
   const byMagnitude = document.body.classList.contains('magnitude');
   document.getElementById('toggle').textContent = byMagnitude ? 'colour by alignment' : 'colour by magnitude';
   document.getElementById('legend-a').hidden = byMagnitude;
   document.getElementById('legend-m').hidden = !byMagnitude;
-});
+}
+document.getElementById('toggle').addEventListener('click', toggle);
+if (location.hash === '#magnitude') toggle();  // open grad_trace.html#magnitude to start coloured by magnitude
 """
 
 

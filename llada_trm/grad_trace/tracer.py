@@ -71,9 +71,10 @@ class TokenGradTracer:
 
     # ------------------------------------------------------------------ one trace
     def trace(self, model, batch: dict, generator, step: int) -> list[dict]:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         trace, grads = self.token_gradients(model, batch, generator)
         records = self.records(trace, grads, batch, step, time.perf_counter() - started)
+        records[0]["cpu_seconds"] = round(time.process_time() - cpu, 4)
         if self.write and self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:

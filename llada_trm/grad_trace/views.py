@@ -44,6 +44,12 @@ def _nonzero(mask: Tensor) -> tuple[Tensor, Tensor]:
     return rows, positions
 
 
+def _real_end(attention_mask: Tensor) -> int:
+    """One past the sample's last real position: the batch's trailing padding, which no real position attends
+    to, is cut off before the per-sample passes."""
+    return int(attention_mask.nonzero().max()) + 1 if attention_mask.any() else attention_mask.numel()
+
+
 def _aggregate(mean_loss: Tensor, chosen: dict) -> dict[str, Tensor]:
     grads = torch.autograd.grad(mean_loss, list(chosen.values()), allow_unused=True)
     return {name: (g if g is not None else torch.zeros_like(p)).detach().float()
@@ -76,9 +82,9 @@ class HybridView:
     def sample_step_losses(self, model, row: int) -> tuple[list[Tensor], Tensor]:
         """Per-step CE of sample `row`'s supervised tokens (position order), attached; and their rows in the
         flattened input of a position-wise layer."""
-        pick = slice(row, row + 1)
-        b = {k: self.batch[k][pick] for k in ("input_ids", "attention_mask", "chunk_index", "labels")}
-        supervised = self.supervised[pick]
+        end = _real_end(self.batch["attention_mask"][row])
+        b = {k: self.batch[k][row : row + 1, :end] for k in ("input_ids", "attention_mask", "chunk_index", "labels")}
+        supervised = self.supervised[row : row + 1, :end]
         hidden = model.backbone_hidden_states(b["input_ids"], b["attention_mask"], b["chunk_index"])
         per_step = model.refine_supervised(hidden, b["attention_mask"], b["chunk_index"], supervised,
                                            b["labels"][supervised])
@@ -114,7 +120,7 @@ class LLaDASFTView:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
     def sample_step_losses(self, model, row: int) -> tuple[list[Tensor], Tensor]:
-        pick = slice(row, row + 1)
+        pick = (slice(row, row + 1), slice(0, _real_end(self.attention_mask[row])))
         ce = self._ce(model, self.noisy[pick], self.attention_mask[pick], self.targets[pick])[0]
         positions = self.is_masked[row].nonzero(as_tuple=True)[0]
         return [ce[positions]], positions
