@@ -87,6 +87,11 @@ class TrainArguments:
     max_bad_steps: int = field(default=10, metadata=_help("stop after this many non-finite steps in a row"))
     debug_every: int = field(default=50, metadata=_help("with DEBUG=1: steps between chunk inspections"))
     dataloader_num_workers: int = field(default=0, metadata=_help("DataLoader worker processes"))
+    token_grad_trace_every: int = field(default=0, metadata=_help(
+        "optimiser steps between per-token gradient traces of one micro-batch (0 = off; docs/grad_trace.md)"))
+    token_grad_trace_params: str | None = field(default=None, metadata=_help(
+        "parameters the trace differentiates: comma-separated names or wildcards (default: the head's last layer "
+        "and out_proj; the backbone's last layer for llada_sft)"))
 
 
 # --truncation_<field> for every TruncationConfig field; None = not given, so the variable or preset applies.
@@ -155,7 +160,8 @@ def parse_arguments(argv: list[str] | None = None, environ=None) -> RunArguments
             else TruncationConfig.from_env(environ=environ, overrides=flags)
         )
         data.validate()
-        weighting.validate(has_frozen_reference=model.freeze_backbone and not model.use_lora)
+        # Under LoRA the reference is the backbone with its adapters disabled (lora_reference.py).
+        weighting.validate(has_frozen_reference=model.freeze_backbone or model.use_lora)
     except ValueError as error:
         raise UsageError(str(error)) from None
     validate(model, train)
@@ -197,6 +203,8 @@ def validate(model: ModelArguments, train: TrainArguments) -> None:
         f"--report_to must be none, tensorboard, wandb or all, got {train.report_to!r}",
     )
     require(train.dataloader_num_workers >= 0, "--dataloader_num_workers must be non-negative")
+    require(train.token_grad_trace_every >= 0,
+            f"--token_grad_trace_every must be non-negative (0 = off), got {train.token_grad_trace_every}")
     if model.objective == "llada_sft":
         require(not model.freeze_backbone or model.use_lora,
                 "--objective llada_sft trains the backbone: add --no_freeze_backbone or --use_lora")

@@ -157,7 +157,11 @@ def run_blocks(
 class LLaDAOutput(ModelOutput):
     logits: Tensor | None = None
     last_hidden_state: Tensor | None = None  # after ln_f, (B, L, d_model)
-    cache: KVCache | None = None  # `cache`, as transformers >= 5.24 names it (it renames past_key_values)
+    cache: KVCache | None = None  # named `cache`: transformers >= 5.24 renames a `past_key_values` field to it
+
+    @property
+    def past_key_values(self) -> KVCache | None:
+        return self.cache
 
 
 class LLaDAModel(nn.Module):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .diffusion import forward_mask, llada_sft_loss
 from .losses import chunk_token_weights, deep_supervision_loss
+from .lora_reference import reference_label_prob
 from .truncation import TruncationConfig, TruncationDecision, truncation_decisions
 from .weighting import WeightingConfig, token_weights
 
@@ -32,15 +33,17 @@ class MicroBatchResult:
 
 
 class HybridObjective:
-    def __init__(self, model_config, truncation: TruncationConfig, weighting: WeightingConfig, mask_token_id: int):
+    def __init__(self, model_config, truncation: TruncationConfig, weighting: WeightingConfig,
+                 mask_token_id: int | None = None):
         self.config, self.truncation, self.weighting = model_config, truncation, weighting
-        self.mask_token_id = mask_token_id
+        self.mask_token_id = mask_token_id  # None: whole chunks decide the weights (no partial masking)
 
     def pre_count(self, batch: dict) -> Tensor:
         """sum of c_t over supervised tokens, before truncation (computable without a forward pass)."""
         weights = chunk_token_weights(
             batch["chunk_index"], batch["chunk_is_masked"], self.config.deep_supervision_weight,
-            self.config.unmasked_chunk_weight, position_is_masked=batch["input_ids"] == self.mask_token_id,
+            self.config.unmasked_chunk_weight,
+            position_is_masked=None if self.mask_token_id is None else batch["input_ids"] == self.mask_token_id,
         )
         return (weights * (batch["labels"] != -100)).sum().float()
 
@@ -55,7 +58,8 @@ class HybridObjective:
         weights = None
         if token_filters and self.weighting.loss_weighting != "none":
             weights = token_weights(
-                self.weighting, final_loss, decision.keep, output.final_label_prob, output.backbone_label_prob
+                self.weighting, final_loss, decision.keep, output.final_label_prob,
+                reference_label_prob(model, batch, output, self.weighting.loss_weighting),
             )
         coefficient = output.chunk_weight * decision.keep
         loss_sum, _ = deep_supervision_loss(

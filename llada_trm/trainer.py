@@ -39,6 +39,7 @@ from .data import prepare_dataset
 from .debug_view import debug_enabled, format_chunk_inspection
 from .defaults import resolve_backbone_path
 from .evaluation import default_new_token_budget, fair_evaluation, scored_rows
+from .grad_trace import build_grad_tracer
 from .hybrid import LLaDATRMHybrid
 from .modeling_llada import LLaDAModelLM
 from .objectives import HybridObjective, LLaDASFTObjective
@@ -167,6 +168,7 @@ class Trainer:
         self.fair_eval: dict | None = None  # the last answer_accuracy(), for eval_results.json
         self.frozen_backbone_rows: dict = {}  # the backbone-only rows, reused while the backbone is frozen
         self.train_seconds = 0.0  # wall time inside optimiser steps (no evaluation, no checkpoints), this process
+        self.grad_tracer = build_grad_tracer(self) if t.token_grad_trace_every else None
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         dataset = dataset.select_columns([c for c in BATCH_COLUMNS if c in dataset.column_names])
@@ -177,6 +179,8 @@ class Trainer:
     # ------------------------------------------------------------------ one optimiser step
     def train_step(self, window: list[dict]) -> dict:
         acc, t = self.accelerator, self.args.train
+        if self.grad_tracer is not None:  # before any backward: the gradient this step will take
+            self.grad_tracer.maybe_trace(self, window[0])
         pre_count = acc.reduce(sum(self.objective.pre_count(b) for b in window).to(acc.device), "sum")
         scale = acc.num_processes / pre_count.clamp(min=1e-12)
         loss_sum, kept, tokens, metric_sums, last = 0.0, 0.0, 0, {}, None
