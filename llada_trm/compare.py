@@ -34,7 +34,7 @@ SUMMARY_FILE = "compare_summary.json"
 PLOT_FILE = "compare_accuracy.png"
 METHODS = {
     # method: (training flags, the decoder that is its best, default learning rate)
-    "hybrid": (["--objective", "hybrid"], "hybrid_refined", "2e-3"),
+    "hybrid": (["--objective", "hybrid"], "hybrid_refined", "3e-3"),
     "llada_sft": (["--objective", "llada_sft", "--no_freeze_backbone"], "backbone_llada_sampler", "5e-4"),
     "llada_sft_lora": (["--objective", "llada_sft", "--use_lora"], "backbone_llada_sampler", "2e-3"),
 }

@@ -54,7 +54,8 @@ def sample_generation(trainer: Trainer, model_dir: str) -> None:
     prompt_ids = [i for i, c, a in zip(row["input_ids"], row["chunk_index"], row["attention_mask"]) if c < 0 and a]
     model = trainer.accelerator.unwrap_model(trainer.model)
     budget = trainer.fair_eval["max_new_tokens"] if trainer.fair_eval else 256
-    result = model.generate_with_refinement(prompt_ids, tokenizer=trainer.tokenizer, max_new_tokens=budget)
+    result = model.generate_with_refinement(prompt_ids, tokenizer=trainer.tokenizer, max_new_tokens=budget,
+                                            decode_steps_per_chunk=trainer.args.train.eval_decode_steps_per_chunk)
     print("sample prompt:", trainer.tokenizer.decode(prompt_ids, skip_special_tokens=True).strip().replace("\n", " "))
     print("sample generation:", result.texts[0].strip().replace("\n", " | "))
     print("reference answer:", row["answer"])

@@ -4,8 +4,10 @@ import torch
 from transformers import AutoTokenizer
 
 from llada_trm import LLaDAModelLM
+from llada_trm.data import DataArguments, prepare_dataset
 from llada_trm.defaults import TINY_LLADA_PATH, resolve_backbone_path
 from llada_trm.diffusion import masked_token_accuracy
+from llada_trm.evaluation import default_new_token_budget, llada_sampler_accuracy, scored_rows
 from llada_trm.layout import MARKER, render_example
 from llada_trm.pretrain import encode_documents
 from llada_trm.synthetic import generate_split
@@ -39,7 +41,20 @@ def test_shipped_backbone_recovers_held_out_masked_tokens():
     """Masked-token accuracy at mask rate 0.15 on test-split problems (random weights give about 0)."""
     model = LLaDAModelLM.from_pretrained(TINY_LLADA_PATH).eval()
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLADA_PATH)
-    ids, is_text = encode_documents(tokenizer, generate_split("test", 200, seed=7), seq_len=160)
+    ids, is_text, _ = encode_documents(tokenizer, generate_split("test", 200, seed=7), seq_len=128)
     accuracy = masked_token_accuracy(model, ids, is_text, 0.15, model.config.mask_token_id,
                                      torch.Generator().manual_seed(0))
-    assert accuracy >= 0.5
+    assert accuracy >= 0.4
+
+
+def test_shipped_backbone_answers_held_out_problems_with_the_llada_sampler():
+    """Exact match with LLaDA's sampler (one token per step, blocks of 16) on the first 100 test problems; the
+    full figure over 500 is in docs/embedded_default.md."""
+    model = LLaDAModelLM.from_pretrained(TINY_LLADA_PATH).eval()
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLADA_PATH)
+    prepared = prepare_dataset(DataArguments(num_synthetic_eval=100, max_samples=100), tokenizer, 16, "test")
+    rows, _ = scored_rows(prepared.dataset)
+    result = llada_sampler_accuracy(model, tokenizer, rows, default_new_token_budget(rows, 16), 16, batch_size=100,
+                                    progress=False)
+    assert result["num_samples"] == 100
+    assert result["accuracy"] >= 0.30
