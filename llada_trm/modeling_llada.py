@@ -239,8 +239,11 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         )
         x, cache = run_blocks(transformer.blocks, x, context, past_key_values, use_cache, checkpoint_fn)
         hidden = transformer.ln_f(x)
-        return LLaDAOutput(
+        output = LLaDAOutput(
             logits=transformer.ff_out(hidden) if return_logits else None,
             last_hidden_state=hidden if output_hidden_states else None,
-            past_key_values=cache,
         )
+        # Set after construction: transformers >= 5.2x renames a `past_key_values` keyword of any ModelOutput
+        # to `cache`, a field this output does not have.
+        output.past_key_values = cache
+        return output
