@@ -157,7 +157,8 @@ def run_blocks(
 class LLaDAOutput(ModelOutput):
     logits: Tensor | None = None
     last_hidden_state: Tensor | None = None  # after ln_f, (B, L, d_model)
-    past_key_values: KVCache | None = None
+    # `cache`, the name transformers >= 5.2x gives every ModelOutput's KV cache; `past_key_values` reads it too.
+    cache: KVCache | None = None
 
 
 class LLaDAModel(nn.Module):
@@ -239,11 +240,8 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         )
         x, cache = run_blocks(transformer.blocks, x, context, past_key_values, use_cache, checkpoint_fn)
         hidden = transformer.ln_f(x)
-        output = LLaDAOutput(
+        return LLaDAOutput(
             logits=transformer.ff_out(hidden) if return_logits else None,
             last_hidden_state=hidden if output_hidden_states else None,
+            cache=cache,
         )
-        # Set after construction: transformers >= 5.2x renames a `past_key_values` keyword of any ModelOutput
-        # to `cache`, a field this output does not have.
-        output.past_key_values = cache
-        return output
