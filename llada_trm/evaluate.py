@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 from .data import DataArguments, prepare_dataset
 from .evaluation import answer_accuracy
 from .generate import EXIT_USAGE, InferenceSetupError, load_for_inference
+from .loading import resolve_device
 from .modeling_llada import CheckpointMismatchError
 
 
@@ -52,8 +52,8 @@ def format_results(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device = resolve_device(args.device)
         model, tokenizer = load_for_inference(args.checkpoint, args.backbone, device)
         max_length = min(args.max_length, model.backbone.config.max_sequence_length)
         data_args = DataArguments(

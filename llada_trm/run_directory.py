@@ -1,0 +1,136 @@
+"""Run directories are owned: one run per --output_dir, one live process tree per run.
+
+- `run.json` names the run (a random id) that owns the directory; every checkpoint's manifest repeats it.
+- A new run (no --resume_from_checkpoint) refuses a directory that already holds checkpoints or an exported
+  `model/`, unless --overwrite_output_dir is given, which removes what an earlier run wrote there first.
+- `.lock` is held with an exclusive `flock` by the main process for as long as it trains. The operating system
+  drops the lock when the process dies, however it dies (SIGKILL included), so a stale lock file never blocks
+  a resume; a second live run in the same directory is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .arguments import UsageError
+from .checkpointing import PREFIX, checkpoint_step
+from .integrity import BrokenFileError, check_json
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+LOGS = ("metrics.jsonl", "truncation_detailed.jsonl")
+WRITTEN_BY_A_RUN = ("model", ".tmp-model", "run_config.json", *LOGS)
+
+
+def earlier_outputs(root: Path) -> list[str]:
+    """Names of what an earlier run left: checkpoints (finished or not) and the exported model."""
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if checkpoint_step(p) is not None or p.name.startswith(f".tmp-{PREFIX}")]
+    return sorted(names, key=lambda n: (checkpoint_step(Path(n)) or 0, n)) + (["model"] if (root / "model").exists() else [])
+
+
+def read_run_id(root: Path) -> str | None:
+    path = root / RUN_FILE
+    if not path.exists():
+        return None
+    content = check_json(path)
+    if not isinstance(content, dict) or not isinstance(content.get("run_id"), str):
+        raise BrokenFileError(path, "not a run file (no run_id)")
+    return content["run_id"]
+
+
+def acquire_lock(root: Path):
+    """Hold `root/.lock` exclusively; returns the open file (keep it open while training). Raises UsageError."""
+    handle = open(root / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(f"--output_dir {root}: another run is training in it (process {holder}, lock {root / LOCK_FILE}); "
+                         f"wait for it to finish or use another --output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def release_lock(handle) -> None:
+    if handle is not None and not handle.closed:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def remove_earlier_outputs(root: Path) -> None:
+    """--overwrite_output_dir: delete what an earlier run wrote (nothing else in the directory)."""
+    for name in earlier_outputs(root) + [n for n in WRITTEN_BY_A_RUN if n != "model"] + [RUN_FILE]:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def resumes_this_directory(resume: str | None, root: Path) -> bool:
+    if resume == "latest":
+        return True
+    return bool(resume) and Path(resume).resolve().parent == root.resolve()
+
+
+def claim_run_directory(output_dir: str, resume: str | None, overwrite: bool, is_main_process: bool, say=print,
+                        current_run: str | None = None):
+    """Check ownership, take the lock and record the run; returns (run_id, lock handle or None).
+    `current_run`: the id this process already trains under (a second `train()` call continues it).
+    Raises UsageError when the directory belongs to another run or another live process."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(root) if is_main_process else None
+    try:
+        earlier = earlier_outputs(root)
+        ours = current_run is not None and read_run_id(root) == current_run
+        if earlier and not ours and not resumes_this_directory(resume, root):
+            if not overwrite:
+                shown = ", ".join(earlier[-3:])
+                raise UsageError(f"--output_dir {root} holds the output of another run ({shown}); continue it with "
+                                 f"--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose "
+                                 f"another --output_dir")
+            if is_main_process:
+                say(f"--overwrite_output_dir: removing {', '.join(earlier)} from {root}")
+                remove_earlier_outputs(root)
+        run_id = read_run_id(root)
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+            if is_main_process:
+                (root / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
+    except BaseException:
+        release_lock(lock)
+        raise
+    return run_id, lock
+
+
+def trim_logs(output_dir: str, step: int) -> None:
+    """Drop log records after `step` (written by an attempt that died after its last checkpoint), so that a
+    resumed run's logs read exactly as an uninterrupted run's."""
+    for name in LOGS:
+        path = Path(output_dir) / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by the crash
+            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        staging = path.with_name(f".{name}.tmp")
+        staging.write_text("".join(kept))
+        os.replace(staging, path)
