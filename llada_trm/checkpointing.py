@@ -49,24 +49,27 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoints that were finished (they have a manifest), oldest write first. An interrupted `.tmp-`
-    directory is never one of them; whether their files are still intact is `validate_checkpoint`'s job."""
+    """Finished checkpoints (`checkpoint-N`: a directory only gets that name once complete), oldest write
+    first. An interrupted `.tmp-` directory is never one of them; whether their files are still intact is
+    `validate_checkpoint`'s job."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         step = checkpoint_step(path)
-        if step is None or not path.is_dir():
-            continue
-        try:
-            written = int(read_manifest(path).get("written_at_ns", 0))
-        except (BrokenFileError, TypeError, ValueError):
-            written = 0  # a damaged manifest still marks a finished checkpoint; validation will reject it
-            if not (path / "manifest.json").exists():
-                continue
-        found.append((written, step, path))
+        if step is not None and path.is_dir():
+            found.append((written_at(path), step, path))
     return [path for _, _, path in sorted(found)]
+
+
+def written_at(checkpoint: Path) -> int:
+    """When the checkpoint was completed: its manifest's time, else (a damaged manifest) the directory's
+    modification time, so that a damaged recent checkpoint is still tried, and reported, first."""
+    try:
+        return int(read_manifest(checkpoint).get("written_at_ns", 0))
+    except (BrokenFileError, TypeError, ValueError):
+        return checkpoint.stat().st_mtime_ns
 
 
 def validate_checkpoint(path: Path) -> dict:

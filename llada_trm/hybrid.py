@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_hybrid import HybridConfig
 from .head import RecursiveRefinementHead, RefinementState
-from .integrity import check_safetensors
+from .integrity import check_safetensors, write_manifest
 from .loading import load_backbone, load_hybrid_config
 from .losses import chunk_token_weights, deep_supervision_loss
 from .modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
@@ -246,6 +246,7 @@ class LLaDATRMHybrid(PreTrainedModel):
             self.backbone.save_pretrained(directory / "backbone", state_dict=backbone_state)
         save_file(head_state, str(directory / HEAD_WEIGHTS), metadata={"format": "pt"})
         self.config.save_pretrained(directory)
+        write_manifest(directory)  # last: a hybrid directory without one is incomplete (from_pretrained refuses it)
 
     @classmethod
     def from_pretrained(cls, path, backbone: LLaDAModelLM | None = None, dtype: torch.dtype | None = None, **unsupported):

@@ -114,11 +114,19 @@ def check_torch_archive(path: Path) -> None:
 
 
 def check_text(path: Path) -> None:
+    """UTF-8 text; a chat template must also parse (a cut-off template usually does not)."""
     require_file(path)
     try:
-        path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise BrokenFileError(path, "corrupt text file (not UTF-8)") from None
+    if path.suffix == ".jinja":
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(text)
+        except jinja2.TemplateSyntaxError as error:
+            raise BrokenFileError(path, f"corrupt or truncated template ({one_line(error)})") from None
 
 
 def check_file(path: Path) -> None:
@@ -162,7 +170,7 @@ def write_manifest(directory: Path, **info) -> dict:
     directory = Path(directory)
     files = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
+        if path.is_file() and path != directory / MANIFEST:
             fsync_file(path)
             files[path.relative_to(directory).as_posix()] = path.stat().st_size
     manifest = {"format": MANIFEST_FORMAT, "written_at_ns": time.time_ns(), **info, "files": files}

@@ -16,7 +16,7 @@ import torch
 
 from .configuration_llada import LLaDAConfigError
 from .defaults import resolve_backbone_path
-from .integrity import MANIFEST, BrokenFileError, check_file, check_json, one_line, verify_manifest
+from .integrity import MANIFEST, BrokenFileError, check_file, check_json, one_line, read_manifest, verify_manifest
 from .modeling_llada import CheckpointMismatchError
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -116,6 +116,8 @@ def load_hybrid_config(directory: Path):
     source = locate(directory)
     if not isinstance(source, Path):
         raise BrokenFileError(directory, "no such directory")
+    if not (source / MANIFEST).is_file():
+        read_manifest(source)  # raises: every hybrid directory gets a manifest when saved; without it, incomplete
     check_model_directory(source, model_type=HybridConfig.model_type)
     return _library_call(source, lambda: HybridConfig.from_pretrained(str(source)))
 
