@@ -116,6 +116,12 @@ def load_hybrid_config(directory: Path):
     source = locate(directory)
     if not isinstance(source, Path):
         raise BrokenFileError(directory, "no such directory")
+    config_file = source / "config.json"
+    if config_file.exists() or config_file.is_dir():
+        model_type = (check_json(config_file) or {}).get("model_type") if config_file.is_file() else None
+        if model_type is not None and model_type != HybridConfig.model_type:
+            raise BrokenFileError(config_file, f"model_type {model_type!r}: not a hybrid checkpoint "
+                                               f"(expected {HybridConfig.model_type!r})")
     if not (source / MANIFEST).is_file():
         read_manifest(source)  # raises: every hybrid directory gets a manifest when saved; without it, incomplete
     check_model_directory(source, model_type=HybridConfig.model_type)

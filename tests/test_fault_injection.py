@@ -57,6 +57,11 @@ def run_args(backbone_dir, output_dir, *extra):
     ]
 
 
+def assert_same_losses(actual: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
+    assert [step for step, _ in actual] == [step for step, _ in expected]
+    assert [loss for _, loss in actual] == pytest.approx([loss for _, loss in expected], rel=1e-6)
+
+
 def losses(output_dir) -> list[tuple[int, float]]:
     records = map(json.loads, (Path(output_dir) / "metrics.jsonl").read_text().splitlines())
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -118,7 +123,7 @@ def test_latest_skips_a_broken_checkpoint_and_continues_exactly(run_copy, refere
     assert train_main(run_args(backbone_dir, run_copy, "--max_steps", "3", "--resume_from_checkpoint", "latest")) == 0
     out = capsys.readouterr().out
     assert "skipping checkpoint-3" in out and "resumed from" in out and "checkpoint-2 at step 2" in out
-    assert losses(run_copy) == pytest.approx(losses(reference_run), rel=1e-6)
+    assert_same_losses(losses(run_copy), losses(reference_run))
     expected = LLaDATRMHybrid.from_pretrained(reference_run / "model")
     resumed = LLaDATRMHybrid.from_pretrained(run_copy / "model")
     for a, b in zip(expected.head.parameters(), resumed.head.parameters()):
@@ -271,3 +276,36 @@ def test_a_second_live_run_in_the_same_directory_is_refused(run_copy, backbone_d
     one_error_line(capsys.readouterr().err, "another run is training in it")
     (run_copy / ".lock").write_text("999999\n")  # a stale lock file of a dead process does not block
     assert train_main(run_args(backbone_dir, run_copy, "--max_steps", "3", "--resume_from_checkpoint", "latest")) == 0
+
+
+@pytest.mark.parametrize("cli", ["generate", "evaluate", "inspect"])
+def test_inference_clis_on_a_truncated_checkpoint_print_one_line(cli, run_copy, capsys):
+    from llada_trm import evaluate, generate, inspect
+
+    model_dir = run_copy / "checkpoint-3" / "model"
+    truncate(model_dir / "model.safetensors")
+    argv = {"generate": ["--checkpoint", str(model_dir), "--prompt", "x", "--device", "cpu"],
+            "evaluate": ["--checkpoint", str(model_dir), "--max_samples", "2", "--device", "cpu"],
+            "inspect": ["--checkpoint", str(model_dir)]}[cli]
+    assert {"generate": generate, "evaluate": evaluate, "inspect": inspect}[cli].main(argv) == 2
+    one_error_line(capsys.readouterr().err, str(model_dir / "model.safetensors"), "truncated")
+
+
+def test_from_pretrained_of_a_missing_or_plain_directory_raises_typed_errors(tmp_path, backbone_dir):
+    with pytest.raises(BrokenFileError, match="no such directory"):
+        LLaDATRMHybrid.from_pretrained(tmp_path / "runs" / "nothing" / "model")
+    with pytest.raises(BrokenFileError, match="'llada': not a hybrid checkpoint"):
+        LLaDATRMHybrid.from_pretrained(backbone_dir)
+    copy = tmp_path / "hybrid"
+    model = LLaDATRMHybrid.from_pretrained(save_fresh_hybrid(backbone_dir, copy))
+    assert model.config.backbone_name_or_path == str(backbone_dir)
+    (copy / MANIFEST).unlink()  # as a directory written by an older version, or an interrupted copy
+    with pytest.raises(BrokenFileError, match="manifest.json: missing"):
+        LLaDATRMHybrid.from_pretrained(copy)
+
+
+def save_fresh_hybrid(backbone_dir, directory: Path) -> Path:
+    from llada_trm import HybridConfig
+
+    LLaDATRMHybrid(HybridConfig(backbone_name_or_path=str(backbone_dir), head_hidden_size=32)).save_pretrained(directory)
+    return directory
