@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -36,6 +37,7 @@ from .integrity import (
     verify_manifest,
     write_manifest,
 )
+from .modeling_llada import CheckpointMismatchError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -235,8 +237,11 @@ def load_checkpoint(accelerator, checkpoint: Path, scheduler=None) -> dict:
 
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
-    except BrokenFileError:
+    except (BrokenFileError, CheckpointMismatchError):
         raise
+    except pickle.UnpicklingError as error:
+        raise BrokenFileError(checkpoint, "refused: a torch archive holds objects that torch.load(weights_only=True) "
+                                          f"does not allow, which could run code ({one_line(error)[:120]})") from None
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError) as error:
         raise BrokenFileError(checkpoint, f"cannot be restored ({type(error).__name__}: {one_line(error)})") from None
     load_rng_state(checkpoint, accelerator.process_index)

@@ -277,7 +277,9 @@ class LLaDATRMHybrid(PreTrainedModel):
         wrong = [f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})" for k, v in head_state.items()
                  if v.shape != expected[k].shape]
         if wrong:
-            raise CheckpointMismatchError(f"{weights_file}: mis-shaped head weights: {', '.join(wrong)}")
+            more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+            raise CheckpointMismatchError(f"{weights_file}: mis-shaped head weights: {', '.join(wrong[:3])}{more} "
+                                          f"(was the checkpoint trained with other head settings?)")
         self.head.load_state_dict(head_state)
 
     def num_parameters_by_part(self) -> dict[str, int]:

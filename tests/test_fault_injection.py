@@ -3,6 +3,7 @@ deleted or replaced by a directory; run directories owned and locked. Each case 
 one clear line (exit code 2 in the CLIs, a typed exception in the API). Kill tests: tests/test_kill_resume.py."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from llada_trm import LLaDATRMHybrid
 from llada_trm.checkpointing import complete_checkpoints, resolve_resume, validate_checkpoint
 from llada_trm.generate import main as generate_main
-from llada_trm.integrity import MANIFEST, BrokenFileError
+from llada_trm.integrity import MANIFEST, BrokenFileError, write_manifest
 from llada_trm.loading import load_backbone, load_tokenizer, resolve_device
 from llada_trm.run_directory import acquire_lock, release_lock
 from llada_trm.train import main as train_main
@@ -309,3 +310,46 @@ def save_fresh_hybrid(backbone_dir, directory: Path) -> Path:
 
     LLaDATRMHybrid(HybridConfig(backbone_name_or_path=str(backbone_dir), head_hidden_size=32)).save_pretrained(directory)
     return directory
+
+
+def test_mis_shaped_head_weights_on_resume_are_one_line(run_copy, backbone_dir, capsys):
+    code = train_main(run_args(backbone_dir, run_copy, "--max_steps", "4", "--head_hidden_size", "64",
+                               "--resume_from_checkpoint", "latest"))
+    assert code == 2
+    one_error_line(capsys.readouterr().err, str(run_copy / "checkpoint-3"), "mis-shaped head weights")
+
+
+def test_a_trained_backbone_in_a_checkpoint_is_checked_too(backbone_dir, tmp_path, capsys):
+    root = tmp_path / "full"
+    assert train_main(run_args(backbone_dir, root, "--max_steps", "1", "--no_freeze_backbone")) == 0
+    checkpoint = root / "checkpoint-1"
+    weights = checkpoint / "model" / "backbone" / "model.safetensors"
+    assert weights.is_file() and "model/backbone/model.safetensors" in json.loads((checkpoint / MANIFEST).read_text())["files"]
+    truncate(weights)
+    code = train_main(run_args(backbone_dir, root, "--max_steps", "2", "--no_freeze_backbone",
+                               "--resume_from_checkpoint", str(checkpoint)))
+    assert code == 2
+    one_error_line(capsys.readouterr().err, str(weights), "truncated")
+    with pytest.raises(BrokenFileError, match="backbone/model.safetensors"):
+        LLaDATRMHybrid.from_pretrained(checkpoint / "model")
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a hostile checkpoint would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_hostile_optimizer_file_is_refused_without_running_it(run_copy, backbone_dir, tmp_path, capsys):
+    checkpoint, marker = run_copy / "checkpoint-3", tmp_path / "code-ran"
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    torch.save({"state": RunsCode(marker), "param_groups": []}, checkpoint / "optimizer.bin")
+    write_manifest(checkpoint, run_id=manifest["run_id"], step=3)  # a consistent manifest: it is no signature
+    validate_checkpoint(checkpoint)
+    code = train_main(run_args(backbone_dir, run_copy, "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)))
+    assert code == 2 and not marker.exists()
+    one_error_line(capsys.readouterr().err, str(checkpoint), "weights_only")
