@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from .data import DataArguments, prepare_dataset
 from .evaluation import answer_accuracy
 from .generate import EXIT_USAGE, InferenceSetupError, load_for_inference

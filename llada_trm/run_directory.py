@@ -85,17 +85,26 @@ def resumes_this_directory(resume: str | None, root: Path) -> bool:
     return bool(resume) and Path(resume).resolve().parent == root.resolve()
 
 
-def claim_run_directory(output_dir: str, resume: str | None, overwrite: bool, is_main_process: bool, say=print,
+def claim_run_directory(output_dir: str, resume: str | None, overwrite: bool, accelerator, say=print,
                         current_run: str | None = None):
-    """Check ownership, take the lock and record the run; returns (run_id, lock handle or None).
-    `current_run`: the id this process already trains under (a second `train()` call continues it).
-    Raises UsageError when the directory belongs to another run or another live process."""
-    root = Path(output_dir)
+    """Check ownership, take the lock and record the run; returns (run_id, lock handle or None). The main
+    process decides and tells the others the run id. `current_run`: the id this process already trains under
+    (a second `train()` call continues it). Raises UsageError when the directory belongs to another run or
+    another live process."""
+    run_id, lock = _claim(Path(output_dir), resume, overwrite, accelerator.is_main_process, say, current_run)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        run_id = broadcast_object_list([run_id])[0]  # also a barrier: nobody trains before the claim is done
+    return run_id, lock
+
+
+def _claim(root: Path, resume, overwrite: bool, is_main_process: bool, say, current_run):
     root.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(root) if is_main_process else None
     try:
         earlier = earlier_outputs(root)
-        ours = current_run is not None and read_run_id(root) == current_run
+        ours = current_run is not None and read_run_id(root) == current_run  # run.json exists by then
         if earlier and not ours and not resumes_this_directory(resume, root):
             if not overwrite:
                 shown = ", ".join(earlier[-3:])
@@ -105,11 +114,14 @@ def claim_run_directory(output_dir: str, resume: str | None, overwrite: bool, is
             if is_main_process:
                 say(f"--overwrite_output_dir: removing {', '.join(earlier)} from {root}")
                 remove_earlier_outputs(root)
-        run_id = read_run_id(root)
-        if run_id is None:
-            run_id = uuid.uuid4().hex
-            if is_main_process:
-                (root / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
+        run_id = current_run
+        if is_main_process:  # only the main process reads and writes run.json: no half-written file is ever read
+            run_id = read_run_id(root)
+            if run_id is None:
+                run_id = uuid.uuid4().hex
+                staging = root / f".{RUN_FILE}.tmp"
+                staging.write_text(json.dumps({"run_id": run_id}) + "\n")
+                os.replace(staging, root / RUN_FILE)  # atomic: a kill never leaves a half-written run.json
     except BaseException:
         release_lock(lock)
         raise

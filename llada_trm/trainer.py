@@ -334,7 +334,7 @@ class Trainer:
         The run directory is claimed (ownership, lock) for the duration."""
         t = self.args.train
         self.run_id, lock = claim_run_directory(t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir,
-                                                self.accelerator.is_main_process, say=self.say,
+                                                self.accelerator, say=self.say,
                                                 current_run=self.run_id)
         try:
             return self._train_claimed(until_step)
