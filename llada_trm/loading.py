@@ -89,7 +89,7 @@ def check_tokenizer_directory(directory: Path) -> None:
                                     "chat_template.json"])
 
 
-def _library_call(source, call):
+def library_call(source, call):
     """Run a library loader; what it raises for unreadable input becomes one line naming `source`."""
     try:
         return call()
@@ -99,14 +99,21 @@ def _library_call(source, call):
         raise BrokenFileError(source, f"cannot be loaded ({type(error).__name__}: {one_line(error)})") from None
 
 
-def load_backbone(name_or_path: str, **kwargs):
-    """`LLaDAModelLM.from_pretrained` on a checked directory (or a Hub repo id)."""
-    from .modeling_llada import LLaDAModelLM
-
+def checked_model_source(name_or_path) -> Path | str:
+    """A LLaDA model directory that passed `check_model_directory`, or a Hub repo id (None stays None)."""
+    if name_or_path is None:
+        return None
     source = locate(name_or_path)
     if isinstance(source, Path):
         check_model_directory(source)
-    return _library_call(source, lambda: LLaDAModelLM.from_pretrained(str(source), **kwargs))
+    return source
+
+
+def load_backbone(name_or_path: str, **kwargs):
+    """`LLaDAModelLM.from_pretrained`, which checks the directory first (`checked_model_source`)."""
+    from .modeling_llada import LLaDAModelLM
+
+    return LLaDAModelLM.from_pretrained(name_or_path, **kwargs)
 
 
 def load_hybrid_config(directory: Path):
@@ -125,7 +132,7 @@ def load_hybrid_config(directory: Path):
     if not (source / MANIFEST).is_file():
         read_manifest(source)  # raises: every hybrid directory gets a manifest when saved; without it, incomplete
     check_model_directory(source, model_type=HybridConfig.model_type)
-    return _library_call(source, lambda: HybridConfig.from_pretrained(str(source)))
+    return library_call(source, lambda: HybridConfig.from_pretrained(str(source)))
 
 
 def load_tokenizer(name_or_path: str):
@@ -135,7 +142,7 @@ def load_tokenizer(name_or_path: str):
     source = locate(name_or_path)
     if isinstance(source, Path):
         check_tokenizer_directory(source)
-    tokenizer = _library_call(source, lambda: AutoTokenizer.from_pretrained(str(source)))
+    tokenizer = library_call(source, lambda: AutoTokenizer.from_pretrained(str(source)))
     if tokenizer.mask_token_id is None:  # masking, training and decoding all need it
         raise BrokenFileError(source, "the tokenizer defines no mask token (LLaDA's <|mdm_mask|>); its "
                                       "tokenizer_config.json is missing or incomplete")

@@ -353,3 +353,15 @@ def test_a_hostile_optimizer_file_is_refused_without_running_it(run_copy, backbo
     code = train_main(run_args(backbone_dir, run_copy, "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)))
     assert code == 2 and not marker.exists()
     one_error_line(capsys.readouterr().err, str(checkpoint), "weights_only")
+
+
+def test_llada_from_pretrained_on_a_damaged_directory_names_the_file(backbone_dir, tmp_path):
+    from llada_trm import LLaDAModelLM
+
+    copy = tmp_path / "backbone"
+    shutil.copytree(backbone_dir, copy)
+    truncate(copy / "model.safetensors")
+    with pytest.raises(BrokenFileError, match="model.safetensors: truncated"):
+        LLaDAModelLM.from_pretrained(copy)
+    with pytest.raises(BrokenFileError, match="no such directory"):
+        LLaDAModelLM.from_pretrained(tmp_path / "runs" / "missing")
