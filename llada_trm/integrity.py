@@ -170,7 +170,7 @@ def write_manifest(directory: Path, **info) -> dict:
     directory = Path(directory)
     files = {}
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and path != directory / MANIFEST:
+        if path.is_file() and path.name != f".{MANIFEST}.tmp" and path != directory / MANIFEST:
             fsync_file(path)
             files[path.relative_to(directory).as_posix()] = path.stat().st_size
     manifest = {"format": MANIFEST_FORMAT, "written_at_ns": time.time_ns(), **info, "files": files}
@@ -198,6 +198,8 @@ def verify_manifest(directory: Path) -> dict:
     directory = Path(directory)
     manifest = read_manifest(directory)
     for name, size in manifest["files"].items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise BrokenFileError(directory / MANIFEST, f"lists {name!r}, outside the directory")
         path = directory / name
         actual = require_file(path)
         if actual != size:

@@ -6,6 +6,8 @@
 - `.lock` is held with an exclusive `flock` by the main process for as long as it trains. The operating system
   drops the lock when the process dies, however it dies (SIGKILL included), so a stale lock file never blocks
   a resume; a second live run in the same directory is refused.
+- A fresh start drops the logs of an attempt that died before its first checkpoint; a resume drops the log
+  records after its checkpoint, so `metrics.jsonl` always reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,15 +26,20 @@ from .integrity import BrokenFileError, check_json
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 LOGS = ("metrics.jsonl", "truncation_detailed.jsonl")
-WRITTEN_BY_A_RUN = ("model", ".tmp-model", "run_config.json", *LOGS)
+RUN_FILES = (".tmp-model", "run_config.json", RUN_FILE, *LOGS)  # removed with the checkpoints on overwrite
 
 
 def earlier_outputs(root: Path) -> list[str]:
-    """Names of what an earlier run left: checkpoints (finished or not) and the exported model."""
+    """What an earlier run finished and a new run must not replace: checkpoints and the exported model."""
     if not root.is_dir():
         return []
-    names = [p.name for p in root.iterdir() if checkpoint_step(p) is not None or p.name.startswith(f".tmp-{PREFIX}")]
-    return sorted(names, key=lambda n: (checkpoint_step(Path(n)) or 0, n)) + (["model"] if (root / "model").exists() else [])
+    steps = sorted(step for step in map(checkpoint_step, root.iterdir()) if step is not None)
+    return [f"{PREFIX}{step}" for step in steps] + (["model"] if (root / "model").exists() else [])
+
+
+def unfinished_writes(root: Path) -> list[str]:
+    """Directories a killed run left half-written: never listed as checkpoints, safe to remove."""
+    return [p.name for p in root.iterdir() if p.name.startswith((f".tmp-{PREFIX}", f".deleting-{PREFIX}"))]
 
 
 def read_run_id(root: Path) -> str | None:
@@ -71,7 +78,7 @@ def release_lock(handle) -> None:
 
 def remove_earlier_outputs(root: Path) -> None:
     """--overwrite_output_dir: delete what an earlier run wrote (nothing else in the directory)."""
-    for name in earlier_outputs(root) + [n for n in WRITTEN_BY_A_RUN if n != "model"] + [RUN_FILE]:
+    for name in [*earlier_outputs(root), *unfinished_writes(root), *RUN_FILES]:
         path = root / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -114,18 +121,25 @@ def _claim(root: Path, resume, overwrite: bool, is_main_process: bool, say, curr
             if is_main_process:
                 say(f"--overwrite_output_dir: removing {', '.join(earlier)} from {root}")
                 remove_earlier_outputs(root)
-        run_id = current_run
-        if is_main_process:  # only the main process reads and writes run.json: no half-written file is ever read
-            run_id = read_run_id(root)
-            if run_id is None:
-                run_id = uuid.uuid4().hex
-                staging = root / f".{RUN_FILE}.tmp"
-                staging.write_text(json.dumps({"run_id": run_id}) + "\n")
-                os.replace(staging, root / RUN_FILE)  # atomic: a kill never leaves a half-written run.json
+        elif not earlier and not ours and not resume and is_main_process:
+            trim_logs(str(root), 0)  # logs of an attempt that died before its first checkpoint
+        # Only the main process reads and writes run.json, so no process ever reads a half-written one.
+        run_id = record_run(root) if is_main_process else current_run
     except BaseException:
         release_lock(lock)
         raise
     return run_id, lock
+
+
+def record_run(root: Path) -> str:
+    """The id in run.json, written (atomically) with a new id if there is none yet."""
+    run_id = read_run_id(root)
+    if run_id is None:
+        run_id = uuid.uuid4().hex
+        staging = root / f".{RUN_FILE}.tmp"
+        staging.write_text(json.dumps({"run_id": run_id}) + "\n")
+        os.replace(staging, root / RUN_FILE)
+    return run_id
 
 
 def trim_logs(output_dir: str, step: int) -> None:
@@ -141,7 +155,8 @@ def trim_logs(output_dir: str, step: int) -> None:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line cut off by the crash
-            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            record_step = record.get("step", 0) if isinstance(record, dict) else None
+            if isinstance(record_step, int) and record_step <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
         staging = path.with_name(f".{name}.tmp")
         staging.write_text("".join(kept))

@@ -365,3 +365,13 @@ def test_llada_from_pretrained_on_a_damaged_directory_names_the_file(backbone_di
         LLaDAModelLM.from_pretrained(copy)
     with pytest.raises(BrokenFileError, match="no such directory"):
         LLaDAModelLM.from_pretrained(tmp_path / "runs" / "missing")
+
+
+def test_a_run_killed_before_its_first_checkpoint_does_not_block_a_new_one(backbone_dir, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / ".tmp-checkpoint-1").mkdir()  # what the killed attempt left
+    (root / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    assert train_main(run_args(backbone_dir, root, "--max_steps", "2")) == 0
+    assert [step for step, _ in losses(root)] == [1, 2]  # the dead attempt's records are gone
+    assert not (root / ".tmp-checkpoint-1").exists()
