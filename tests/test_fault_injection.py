@@ -5,6 +5,8 @@ one clear line (exit code 2 in the CLIs, a typed exception in the API). Kill tes
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -375,3 +377,21 @@ def test_a_run_killed_before_its_first_checkpoint_does_not_block_a_new_one(backb
     assert train_main(run_args(backbone_dir, root, "--max_steps", "2")) == 0
     assert [step for step, _ in losses(root)] == [1, 2]  # the dead attempt's records are gone
     assert not (root / ".tmp-checkpoint-1").exists()
+
+
+@pytest.mark.parametrize("case", ["truncated_checkpoint", "empty_model_directory"])
+def test_the_reported_cases_exit_2_without_traceback_from_the_script(case, run_copy, backbone_dir, tmp_path):
+    """The two inputs of the issue that ended in tracebacks, run as a user runs them."""
+    if case == "truncated_checkpoint":
+        truncate(run_copy / "checkpoint-3" / "model.safetensors")
+        argv = run_args(backbone_dir, run_copy, "--resume_from_checkpoint", str(run_copy / "checkpoint-3"))
+        named = str(run_copy / "checkpoint-3" / "model.safetensors")
+    else:
+        (tmp_path / "empty").mkdir()
+        argv = ["--model_name_or_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")]
+        named = str(tmp_path / "empty")
+    script = Path(__file__).resolve().parents[1] / "train_llada_trm_hybrid_sft.py"
+    result = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    one_error_line(result.stderr, named)
