@@ -106,22 +106,41 @@ def claim_run_directory(output_dir: str, resume: str | None, overwrite: bool, ac
     return run_id, lock
 
 
+def check_ownership(root: Path, resume, overwrite: bool, current_run: str | None = None) -> list[str] | None:
+    """What --overwrite_output_dir must remove first ([] if nothing), or None when the directory holds no
+    finished output. Raises UsageError when it holds another run's output and neither flag allows it."""
+    earlier = earlier_outputs(root)
+    if current_run is not None and read_run_id(root) == current_run:  # run.json exists by then
+        return []
+    if not earlier:
+        return None
+    if resumes_this_directory(resume, root):
+        return []
+    if not overwrite:
+        raise UsageError(f"--output_dir {root} holds the output of another run ({', '.join(earlier[-3:])}); continue "
+                         f"it with --resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose "
+                         f"another --output_dir")
+    return earlier
+
+
+def precheck_run_directory(output_dir: str, resume, overwrite: bool, is_main_process: bool) -> None:
+    """Refuse a directory of another run, or one a live run holds, before any data or model is loaded."""
+    root = Path(output_dir)
+    if root.is_dir():
+        check_ownership(root, resume, overwrite)
+        if is_main_process:
+            release_lock(acquire_lock(root))
+
+
 def _claim(root: Path, resume, overwrite: bool, is_main_process: bool, say, current_run):
     root.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(root) if is_main_process else None
     try:
-        earlier = earlier_outputs(root)
-        ours = current_run is not None and read_run_id(root) == current_run  # run.json exists by then
-        if earlier and not ours and not resumes_this_directory(resume, root):
-            if not overwrite:
-                shown = ", ".join(earlier[-3:])
-                raise UsageError(f"--output_dir {root} holds the output of another run ({shown}); continue it with "
-                                 f"--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose "
-                                 f"another --output_dir")
-            if is_main_process:
-                say(f"--overwrite_output_dir: removing {', '.join(earlier)} from {root}")
-                remove_earlier_outputs(root)
-        elif not earlier and not ours and not resume and is_main_process:
+        to_remove = check_ownership(root, resume, overwrite, current_run)
+        if to_remove and is_main_process:
+            say(f"--overwrite_output_dir: removing {', '.join(to_remove)} from {root}")
+            remove_earlier_outputs(root)
+        elif to_remove is None and not resume and is_main_process:
             trim_logs(str(root), 0)  # logs of an attempt that died before its first checkpoint
         # Only the main process reads and writes run.json, so no process ever reads a half-written one.
         run_id = record_run(root) if is_main_process else current_run

@@ -40,7 +40,7 @@ from .debug_view import debug_enabled, format_chunk_inspection
 from .hybrid import LLaDATRMHybrid
 from .loading import load_backbone, load_tokenizer
 from .objectives import HybridObjective, LLaDASFTObjective
-from .run_directory import claim_run_directory, release_lock, trim_logs
+from .run_directory import claim_run_directory, precheck_run_directory, release_lock, trim_logs
 from .truncation import TruncationLogger
 
 BATCH_COLUMNS = ("input_ids", "attention_mask", "labels", "chunk_index", "sample_id")
@@ -125,6 +125,7 @@ class Trainer:
                              "expose; use DDP or FSDP (configs/accelerate/) with truncation")
         set_seed(t.seed)
         self.say = print if acc.is_main_process else (lambda *a, **k: None)
+        precheck_run_directory(t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir, acc.is_main_process)
         self.tokenizer = load_tokenizer(m.model_name_or_path)
         with acc.main_process_first():
             self.train_data = prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.train_split)

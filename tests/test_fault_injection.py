@@ -256,6 +256,24 @@ def test_a_new_run_refuses_a_directory_of_another_run(run_copy, backbone_dir, ca
     assert (run_copy / "model" / "model.safetensors").read_bytes() == before  # nothing replaced
 
 
+def test_the_directory_is_checked_before_data_or_model_are_loaded(run_copy, backbone_dir, monkeypatch):
+    from llada_trm import trainer as trainer_module
+    from llada_trm.arguments import UsageError, parse_arguments
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded before the run directory was checked")
+
+    monkeypatch.setattr(trainer_module, "load_tokenizer", must_not_load)
+    with pytest.raises(UsageError, match="holds the output of another run"):
+        trainer_module.Trainer(parse_arguments(run_args(backbone_dir, run_copy, "--max_steps", "1")))
+    lock = acquire_lock(run_copy)
+    try:
+        with pytest.raises(UsageError, match="another run is training in it"):
+            trainer_module.Trainer(parse_arguments(run_args(backbone_dir, run_copy, "--resume_from_checkpoint", "latest")))
+    finally:
+        release_lock(lock)
+
+
 def test_overwrite_output_dir_starts_a_new_run(run_copy, backbone_dir, capsys):
     old_run = json.loads((run_copy / "run.json").read_text())["run_id"]
     assert train_main(run_args(backbone_dir, run_copy, "--max_steps", "1", "--overwrite_output_dir")) == 0
