@@ -61,8 +61,8 @@ def acquire_lock(root: Path):
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise UsageError(f"--output_dir {root}: another run is training in it (process {holder}, lock {root / LOCK_FILE}); "
-                         f"wait for it to finish or use another --output_dir") from None
+        raise UsageError(f"--output_dir {root}: another run is training in it (process {holder}, lock "
+                         f"{root / LOCK_FILE}); wait for it to finish or use another --output_dir") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

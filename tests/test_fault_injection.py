@@ -100,7 +100,8 @@ def test_a_checkpoint_holds_exactly_the_files_under_test_and_no_pickle(reference
     files = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file())
     assert files == sorted(CHECKPOINT_FILES)
     assert not list(reference_run.rglob("*.pkl"))
-    assert json.loads((checkpoint / MANIFEST).read_text())["files"]["optimizer.bin"] == (checkpoint / "optimizer.bin").stat().st_size
+    listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    assert listed["optimizer.bin"] == (checkpoint / "optimizer.bin").stat().st_size
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -269,7 +270,8 @@ def test_the_directory_is_checked_before_data_or_model_are_loaded(run_copy, back
     lock = acquire_lock(run_copy)
     try:
         with pytest.raises(UsageError, match="another run is training in it"):
-            trainer_module.Trainer(parse_arguments(run_args(backbone_dir, run_copy, "--resume_from_checkpoint", "latest")))
+            trainer_module.Trainer(parse_arguments(run_args(backbone_dir, run_copy,
+                                                            "--resume_from_checkpoint", "latest")))
     finally:
         release_lock(lock)
 
@@ -328,7 +330,8 @@ def test_from_pretrained_of_a_missing_or_plain_directory_raises_typed_errors(tmp
 def save_fresh_hybrid(backbone_dir, directory: Path) -> Path:
     from llada_trm import HybridConfig
 
-    LLaDATRMHybrid(HybridConfig(backbone_name_or_path=str(backbone_dir), head_hidden_size=32)).save_pretrained(directory)
+    config = HybridConfig(backbone_name_or_path=str(backbone_dir), head_hidden_size=32)
+    LLaDATRMHybrid(config).save_pretrained(directory)
     return directory
 
 
@@ -344,7 +347,8 @@ def test_a_trained_backbone_in_a_checkpoint_is_checked_too(backbone_dir, tmp_pat
     assert train_main(run_args(backbone_dir, root, "--max_steps", "1", "--no_freeze_backbone")) == 0
     checkpoint = root / "checkpoint-1"
     weights = checkpoint / "model" / "backbone" / "model.safetensors"
-    assert weights.is_file() and "model/backbone/model.safetensors" in json.loads((checkpoint / MANIFEST).read_text())["files"]
+    listed = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    assert weights.is_file() and "model/backbone/model.safetensors" in listed
     truncate(weights)
     code = train_main(run_args(backbone_dir, root, "--max_steps", "2", "--no_freeze_backbone",
                                "--resume_from_checkpoint", str(checkpoint)))
