@@ -8,6 +8,7 @@ from .configuration_llada import LLaDAConfig, LLaDAConfigError
 from .data import DataArguments, DataError, prepare_dataset
 from .evaluation import chunk_decoder_accuracy, fair_evaluation, llada_sampler_accuracy
 from .hybrid import HybridOutput, LLaDATRMHybrid
+from .integrity import BrokenFileError
 from .modeling_llada import CheckpointMismatchError, LLaDAModelLM
 from .refinement_decoding import RefinementOutput, generate_with_refinement
 from .truncation import TruncationConfig, truncation_keep_mask
@@ -19,6 +20,7 @@ AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
 
 __all__ = [
+    "BrokenFileError",
     "ChunkMaskingCollator",
     "CheckpointMismatchError",
     "DataArguments",

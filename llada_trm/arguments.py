@@ -81,6 +81,8 @@ class TrainArguments:
     save_steps: int | None = field(default=None, metadata=_help("optimiser steps between checkpoints (default: at the end)"))
     save_total_limit: int | None = field(default=2, metadata=_help("keep at most this many checkpoints"))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help("`latest` or a checkpoint directory"))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "start a new run in an --output_dir that holds another run's checkpoints, removing them first"))
     report_to: str = field(default="none", metadata=_help("none, tensorboard, wandb (metrics.jsonl is always written)"))
     seed: int = field(default=42, metadata=_help("seed of initialisation, shuffling and mask draws"))
     mixed_precision: str = field(default="auto", metadata=_help("auto (bf16 on GPU, fp32 on CPU), no, bf16, fp16"))

@@ -16,11 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from .data import DataArguments, prepare_dataset
 from .evaluation import default_new_token_budget, fair_evaluation, format_fair_table, scored_rows
 from .generate import EXIT_USAGE, InferenceSetupError, load_for_inference
+from .loading import resolve_device
 from .modeling_llada import CheckpointMismatchError
 
 
@@ -52,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device = resolve_device(args.device)
         model, tokenizer = load_for_inference(args.checkpoint, args.backbone, device)
         max_length = min(args.max_length, model.backbone.config.max_sequence_length)
         data_args = DataArguments(

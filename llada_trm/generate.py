@@ -12,7 +12,6 @@ on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import torch
 
 from .configuration_hybrid import HybridConfig
 from .defaults import resolve_backbone_path
+from .integrity import check_json
 from .layout import extract_answer
+from .loading import load_tokenizer, resolve_device
 from .modeling_llada import CheckpointMismatchError
 
 EXIT_USAGE = 2
@@ -31,11 +32,9 @@ class InferenceSetupError(Exception):
 
 
 def _load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
     if not (directory / "tokenizer_config.json").exists() and not (directory / "tokenizer.json").exists():
         raise InferenceSetupError(f"{directory} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    return AutoTokenizer.from_pretrained(directory)
+    return load_tokenizer(str(directory))
 
 
 def load_for_inference(checkpoint: str | None = None, backbone: str | None = None, device: str | None = None,
@@ -53,7 +52,8 @@ def load_for_inference(checkpoint: str | None = None, backbone: str | None = Non
     config_file = directory / "config.json"
     if not config_file.exists():
         raise InferenceSetupError(f"{directory} has no config.json: not a model directory")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = check_json(config_file)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if checkpoint is not None:
         if model_type != HybridConfig.model_type:
             raise InferenceSetupError(f"{directory} is not a hybrid checkpoint (model_type {model_type!r}, expected "
@@ -131,8 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device = resolve_device(args.device)
         model, tokenizer = load_for_inference(args.checkpoint, args.backbone, device)
         if args.chat:
             chat(model, tokenizer, args)

@@ -21,8 +21,9 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_hybrid import HybridConfig
-from .defaults import resolve_backbone_path
 from .head import RecursiveRefinementHead, RefinementState
+from .integrity import check_safetensors, write_manifest
+from .loading import load_backbone, load_hybrid_config
 from .losses import chunk_token_weights, deep_supervision_loss
 from .modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
 
@@ -66,7 +67,7 @@ class LLaDATRMHybrid(PreTrainedModel):
     def __init__(self, config: HybridConfig, backbone: LLaDAModelLM | None = None):
         super().__init__(config)
         if backbone is None:
-            backbone = LLaDAModelLM.from_pretrained(resolve_backbone_path(config.backbone_name_or_path))
+            backbone = load_backbone(config.backbone_name_or_path)
         config.resolve_head_shape(backbone.config.d_model)
         config.validate_architecture()
         self.backbone = backbone
@@ -247,6 +248,7 @@ class LLaDATRMHybrid(PreTrainedModel):
             self.backbone.save_pretrained(directory / "backbone", state_dict=backbone_state)
         save_file(head_state, str(directory / HEAD_WEIGHTS), metadata={"format": "pt"})
         self.config.save_pretrained(directory)
+        write_manifest(directory)  # last: a hybrid directory without one is incomplete (from_pretrained refuses it)
 
     @classmethod
     def from_pretrained(cls, path, backbone: LLaDAModelLM | None = None, dtype: torch.dtype | None = None, **unsupported):
@@ -255,10 +257,10 @@ class LLaDATRMHybrid(PreTrainedModel):
         if unsupported:  # never ignore an option silently (device_map, quantisation, ...)
             raise TypeError(f"LLaDATRMHybrid.from_pretrained does not support {sorted(unsupported)}")
         path = Path(path)
-        config = HybridConfig.from_pretrained(path)
+        config = load_hybrid_config(path)
         if backbone is None:
-            source = path / "backbone" if config.backbone_in_checkpoint else resolve_backbone_path(config.backbone_name_or_path)
-            backbone = LLaDAModelLM.from_pretrained(source, **({"dtype": dtype} if dtype is not None else {}))
+            source = path / "backbone" if config.backbone_in_checkpoint else config.backbone_name_or_path
+            backbone = load_backbone(source, **({"dtype": dtype} if dtype is not None else {}))
         model = cls(config, backbone)
         model.load_head_weights(path / HEAD_WEIGHTS)
         return model
@@ -266,13 +268,20 @@ class LLaDATRMHybrid(PreTrainedModel):
     def load_head_weights(self, weights_file) -> None:
         """Load `head.*` weights from a safetensors file; a missing or unexpected key is an error listing them."""
         weights_file = Path(weights_file)
-        if not weights_file.exists():
+        if not weights_file.exists() and not weights_file.is_dir():
             raise FileNotFoundError(f"{weights_file} not found: not a hybrid checkpoint directory")
+        check_safetensors(weights_file)
         head_state = {k[len("head."):]: v for k, v in load_file(str(weights_file)).items()}
-        expected = set(self.head.state_dict())
-        missing, unexpected = sorted(expected - set(head_state)), sorted(set(head_state) - expected)
+        expected = self.head.state_dict()
+        missing, unexpected = sorted(set(expected) - set(head_state)), sorted(set(head_state) - set(expected))
         if missing or unexpected:
             raise CheckpointMismatchError(f"{weights_file}: missing head keys {missing}, unexpected keys {unexpected}")
+        wrong = [f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})" for k, v in head_state.items()
+                 if v.shape != expected[k].shape]
+        if wrong:
+            more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+            raise CheckpointMismatchError(f"{weights_file}: mis-shaped head weights: {', '.join(wrong[:3])}{more} "
+                                          f"(was the checkpoint trained with other head settings?)")
         self.head.load_state_dict(head_state)
 
     def num_parameters_by_part(self) -> dict[str, int]:

@@ -15,6 +15,8 @@ from .collator import ChunkMaskingCollator
 from .data import DataArguments, prepare_dataset
 from .debug_view import format_chunk_inspection
 from .generate import InferenceSetupError, load_for_inference
+from .integrity import one_line
+from .modeling_llada import CheckpointMismatchError
 from .objectives import MODEL_INPUTS
 
 
@@ -45,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_for_inference(checkpoint=args.checkpoint,
                                               backbone=None if args.checkpoint else args.model_name_or_path,
                                               chunk_size=None if args.checkpoint else args.chunk_size)
-    except InferenceSetupError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (InferenceSetupError, CheckpointMismatchError, OSError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     chunk_size = model.config.chunk_size
     data_args = DataArguments(dataset_name=args.dataset_name, dataset_path=args.dataset_path,

@@ -189,10 +189,16 @@ class LLaDAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but missing, unexpected or mis-shaped weights are an error."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but missing, unexpected or mis-shaped weights are an error, and a
+        missing or damaged local directory is one `BrokenFileError` line naming the file (llada_trm.loading)."""
+        from .loading import checked_model_source, library_call  # late: loading imports this module
+
+        source = checked_model_source(pretrained_model_name_or_path)
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        load = super().from_pretrained
+        name = None if source is None else str(source)  # None: weights from `state_dict=` / `config=` only
+        model, info = library_call(source, lambda: load(name, *args, output_loading_info=True, **kwargs))
         problems = [f"{kind}: {sorted(map(str, keys))}" for kind, keys in info.items() if keys and kind != "error_msgs"]
         if problems:
             raise CheckpointMismatchError(f"checkpoint does not match {cls.__name__}: " + "; ".join(problems))

@@ -29,20 +29,20 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 
 from .arguments import RunArguments, UsageError
-from .checkpointing import read_trainer_state, register_state_hooks, resolve_resume, save_checkpoint
+from .checkpointing import load_checkpoint, register_state_hooks, resolve_resume, save_checkpoint
 from .collator import ChunkMaskingCollator, mask_seed, pad_batch
 from .configuration_hybrid import HybridConfig
 from .data import prepare_dataset
 from .debug_view import debug_enabled, format_chunk_inspection
-from .defaults import resolve_backbone_path
 from .evaluation import default_new_token_budget, fair_evaluation, scored_rows
 from .grad_trace import build_grad_tracer
 from .hybrid import LLaDATRMHybrid
-from .modeling_llada import LLaDAModelLM
+from .loading import load_backbone, load_tokenizer
 from .objectives import HybridObjective, LLaDASFTObjective
+from .run_directory import claim_run_directory, precheck_run_directory, release_lock, trim_logs
 from .truncation import TruncationLogger
 
 BATCH_COLUMNS = ("input_ids", "attention_mask", "labels", "chunk_index", "sample_id")
@@ -64,7 +64,7 @@ class TrainerState:
 
 def build_model(args: RunArguments):
     m = args.model
-    backbone = LLaDAModelLM.from_pretrained(resolve_backbone_path(m.model_name_or_path))
+    backbone = load_backbone(m.model_name_or_path)
     if m.gradient_checkpointing:
         backbone.gradient_checkpointing_enable()
     if m.use_lora:
@@ -127,7 +127,8 @@ class Trainer:
                              "expose; use DDP or FSDP (configs/accelerate/) with truncation")
         set_seed(t.seed)
         self.say = print if acc.is_main_process else (lambda *a, **k: None)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone_path(m.model_name_or_path))
+        precheck_run_directory(t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir, acc.is_main_process)
+        self.tokenizer = load_tokenizer(m.model_name_or_path)
         with acc.main_process_first():
             self.train_data = prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.train_split)
             self.eval_data = (prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.eval_split)
@@ -160,9 +161,9 @@ class Trainer:
         self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=int(t.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
-        acc.register_for_checkpointing(self.scheduler)
-        register_state_hooks(acc)
+        register_state_hooks(acc)  # the scheduler is saved as JSON by save_checkpoint, not pickled by accelerate
         self.state = TrainerState()
+        self.run_id = None  # set when train() claims the run directory
         self.metrics = MetricsLog(acc, t.output_dir)
         self.truncation_log = TruncationLogger(t.output_dir, args.truncation, acc.is_main_process)
         self.fair_eval: dict | None = None  # the last answer_accuracy(), for eval_results.json
@@ -316,17 +317,27 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def resume(self) -> None:
         t = self.args.train
-        try:
-            checkpoint = resolve_resume(t.resume_from_checkpoint, t.output_dir)
-        except FileNotFoundError as error:
-            raise UsageError(str(error)) from None
+        checkpoint = resolve_resume(t.resume_from_checkpoint, t.output_dir, say=self.say, run_id=self.run_id)
         if checkpoint is None:
             if t.resume_from_checkpoint:
                 self.say(f"--resume_from_checkpoint {t.resume_from_checkpoint}: no checkpoint yet, starting fresh")
+                self._trim_logs(0)
             return
-        self.accelerator.load_state(str(checkpoint))
-        self.state = TrainerState(**read_trainer_state(checkpoint))
+        state = load_checkpoint(self.accelerator, checkpoint, self.scheduler)
+        try:
+            self.state = TrainerState(**state)
+        except TypeError:
+            raise UsageError(f"{checkpoint}: trainer_state.json does not match this version's fields") from None
+        if self.state.global_step > self.total_steps:
+            raise UsageError(f"--resume_from_checkpoint {checkpoint} is at step {self.state.global_step}, beyond this "
+                             f"run's {self.total_steps} steps; raise --max_steps or resume another checkpoint")
+        self._trim_logs(self.state.global_step)
         self.say(f"resumed from {checkpoint} at step {self.state.global_step}")
+
+    def _trim_logs(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            trim_logs(self.args.train.output_dir, step)
+        self.accelerator.wait_for_everyone()
 
     def windows(self):
         """Yield accumulation windows of micro-batches, epoch after epoch, from the recorded position."""
@@ -348,13 +359,24 @@ class Trainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.model, self.tokenizer, asdict(self.state),
-                               self.args.train.output_dir, self.args.train.save_total_limit)
+                               self.args.train.output_dir, self.args.train.save_total_limit,
+                               scheduler=self.scheduler, run_id=self.run_id)
 
     def train(self, until_step: int | None = None) -> dict:
-        """Train to the end of the schedule, or stop (with a checkpoint) after `until_step` optimiser steps."""
+        """Train to the end of the schedule, or stop (with a checkpoint) after `until_step` optimiser steps.
+        The run directory is claimed (ownership, lock) for the duration."""
+        t = self.args.train
+        self.run_id, lock = claim_run_directory(t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir,
+                                                self.accelerator, say=self.say,
+                                                current_run=self.run_id)
+        try:
+            return self._train_claimed(until_step)
+        finally:
+            release_lock(lock)
+
+    def _train_claimed(self, until_step: int | None) -> dict:
         t, acc = self.args.train, self.accelerator
         stop_at = min(self.total_steps, until_step or self.total_steps)
-        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
         self.resume()
         self._write_run_config()
         if t.report_to != "none":
