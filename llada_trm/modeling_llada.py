@@ -157,7 +157,9 @@ def run_blocks(
 class LLaDAOutput(ModelOutput):
     logits: Tensor | None = None
     last_hidden_state: Tensor | None = None  # after ln_f, (B, L, d_model)
-    past_key_values: KVCache | None = None
+    # Named `cache`: transformers >= 5.2x stores a ModelOutput's `past_key_values` under `cache` (the old name is a
+    # read-only alias there), so a field of the old name would always read None.
+    cache: KVCache | None = None
 
 
 class LLaDAModel(nn.Module):
@@ -242,5 +244,5 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         return LLaDAOutput(
             logits=transformer.ff_out(hidden) if return_logits else None,
             last_hidden_state=hidden if output_hidden_states else None,
-            past_key_values=cache,
+            cache=cache,
         )

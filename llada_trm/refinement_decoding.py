@@ -249,7 +249,7 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
     )
     hidden = out.last_hidden_state
     chunk_hidden = hidden[:, -size:]
-    backbone_cache = drop_last(out.past_key_values, size) if extend_cache else None
+    backbone_cache = drop_last(out.cache, size) if extend_cache else None
     if not settings.refine:
         logits = model.backbone.lm_head(chunk_hidden)
         steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)

@@ -177,7 +177,7 @@ def test_kv_cached_block_decoding_equals_uncached(tiny_backbone):
                 past_key_values=cache,
                 use_cache=True,
             )
-            cache = out.past_key_values
+            cache = out.cache
             pieces.append(out.logits)
     assert cache.length == 15
     torch.testing.assert_close(torch.cat(pieces, dim=1)[:, 2:], full[:, 2:], rtol=1e-5, atol=1e-5)
@@ -188,10 +188,10 @@ def test_reading_a_cache_does_not_change_it(tiny_backbone):
     with torch.no_grad():
         cache = tiny_backbone(
             input_ids=ids[:, :6], attention_mask=attention_mask[:, :6], chunk_index=chunk_index[:, :6], use_cache=True
-        ).past_key_values
+        ).cache
         keys_before = [k.clone() for k in cache.keys]
         out = tiny_backbone(input_ids=ids[:, 6:9], chunk_index=chunk_index[:, 6:9], past_key_values=cache)
-    assert out.past_key_values is None and cache.length == 6
+    assert out.cache is None and cache.length == 6
     assert all(torch.equal(a, b) for a, b in zip(keys_before, cache.keys))
 
 
