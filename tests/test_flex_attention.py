@@ -78,9 +78,10 @@ def test_hybrid_loss_and_head_gradients_equal_sdpa(backend, device):
         loss = model(**batch).loss
         loss.backward()
         results[name] = (loss.detach(), {n: p.grad for n, p in model.head.named_parameters() if p.grad is not None})
-    torch.testing.assert_close(results["flex"][0], results["sdpa"][0], **CLOSE)
+    close = CLOSE if device == "cpu" else dict(rtol=1e-4, atol=1e-4)  # different fp32 kernels on CUDA
+    torch.testing.assert_close(results["flex"][0], results["sdpa"][0], **close)
     for name, grad in results["sdpa"][1].items():
-        torch.testing.assert_close(results["flex"][1][name], grad, **CLOSE, msg=name)
+        torch.testing.assert_close(results["flex"][1][name], grad, **close, msg=name)
 
 
 def test_auto_uses_flex_only_for_uncached_cuda_passes_with_kernel_friendly_heads(backend):
