@@ -60,7 +60,7 @@ def _softmax_minus_onehot(logits: Tensor, log_normaliser: Tensor, targets: Tenso
 
 class _ChunkedLMHeadScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, inputs: Tensor, weight: Tensor, targets: Tensor, rows: int):
+    def forward(ctx, inputs: Tensor, weight: Tensor, targets: Tensor, rows: int, grad_enabled: bool):
         dtype = inputs.dtype
         count = inputs.shape[0]
         ce = inputs.new_empty(count, dtype=torch.float32)
@@ -68,7 +68,8 @@ class _ChunkedLMHeadScores(torch.autograd.Function):
         prediction = torch.empty(count, dtype=torch.long, device=inputs.device)
         log_normaliser = torch.empty_like(ce)
         # With a frozen LM head the gradient of u can be finished now, while the chunk's logits exist.
-        early_grad = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        # (needs_input_grad is set under no_grad too, hence grad_enabled from the caller.)
+        early_grad = grad_enabled and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         grad_direction = torch.empty_like(inputs) if early_grad else None
         for start in range(0, count, rows):
             part = slice(start, start + rows)
@@ -94,7 +95,7 @@ class _ChunkedLMHeadScores(torch.autograd.Function):
         if ctx.early_grad:
             (grad_direction,) = ctx.saved_tensors
             grad_inputs = (grad_ce[:, None] * grad_direction.float()).to(grad_direction.dtype)
-            return grad_inputs, None, None, None
+            return grad_inputs, None, None, None, None
         inputs, weight, targets, log_normaliser = ctx.saved_tensors
         grad_inputs = torch.empty_like(inputs) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -110,7 +111,7 @@ class _ChunkedLMHeadScores(torch.autograd.Function):
                 grad_weight += (grad_logits.t() @ inputs[part]).float()  # chunk partials summed in fp32
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_inputs, grad_weight, None, None
+        return grad_inputs, grad_weight, None, None, None
 
 
 def lm_head_scores(inputs: Tensor, weight: Tensor, targets: Tensor | None, chunk_bytes: int = CHUNK_BYTES
@@ -127,7 +128,7 @@ def lm_head_scores(inputs: Tensor, weight: Tensor, targets: Tensor | None, chunk
         targets = torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
     with torch.autocast(inputs.device.type, enabled=False):
         ce, label_prob, max_prob, prediction = _ChunkedLMHeadScores.apply(
-            inputs.to(dtype), weight.to(dtype), targets, rows
+            inputs.to(dtype), weight.to(dtype), targets, rows, torch.is_grad_enabled()
         )
     if not labelled:
         zeros = torch.zeros_like(max_prob)
