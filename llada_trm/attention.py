@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .flex_attention import flex_attend, is_block_mask
+
 
 def block_ids(chunk_index: Tensor) -> Tensor:
     """Block of every position: 0 for prompt and pad (chunk_index -1), k + 1 for reasoning chunk k."""
@@ -33,7 +35,10 @@ def attention_allowed(query_blocks: Tensor, key_blocks: Tensor, key_is_real: Ten
 
 
 def attend(query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None) -> Tensor:
-    """SDPA over (B, heads, L, head_dim) tensors; key/value heads are repeated for grouped-query attention."""
+    """SDPA over (B, heads, L, head_dim) tensors; key/value heads are repeated for grouped-query attention.
+    `allowed` may also be a FlexAttention block mask (`flex_attention.py`), which runs FlexAttention instead."""
+    if is_block_mask(allowed):
+        return flex_attend(query, key, value, allowed)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)

@@ -28,7 +28,7 @@ def format_chunk_inspection(tokenizer, batch: dict, output, sample: int = 0, tit
     input_ids, labels = batch["input_ids"][sample], batch["labels"][sample]
     num_chunks = int(chunk_index.max()) + 1 if (chunk_index >= 0).any() else 0
     masked_chunks = [k for k in range(num_chunks) if bool(batch["chunk_is_masked"][sample, k])]
-    masked_positions = torch.isin(chunk_index, torch.tensor(masked_chunks, dtype=chunk_index.dtype)) & (chunk_index >= 0)
+    masked_positions = torch.isin(chunk_index, torch.tensor(masked_chunks, dtype=chunk_index.dtype, device=chunk_index.device)) & (chunk_index >= 0)
     num_real = int(real.sum())
     lines = [f"=== chunk inspection {title}".rstrip() + " ===",
              f"Masked {int(masked_positions.sum())}/{num_real} tokens ({100 * int(masked_positions.sum()) / max(num_real, 1):.1f}%)",

@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 from .configuration_hybrid import HybridConfig
 from .head import RecursiveRefinementHead, RefinementState
 from .integrity import check_safetensors, write_manifest
+from .lm_head_loss import lm_head_scores
 from .loading import load_backbone, load_hybrid_config
 from .losses import chunk_token_weights, deep_supervision_loss
 from .modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
@@ -118,6 +119,11 @@ class LLaDATRMHybrid(PreTrainedModel):
         lm_head_dtype = self.backbone.get_output_embeddings().weight.dtype
         return self.backbone.lm_head((hidden + self.head.out_proj(y)).to(lm_head_dtype))
 
+    def step_scores_at(self, hidden: Tensor, y: Tensor, targets: Tensor | None) -> tuple:
+        """`_score(step_logits_at(hidden, y), targets)` through the fused, chunked LM-head loss: no (N, V) tensor."""
+        weight = self.backbone.get_output_embeddings().weight
+        return lm_head_scores((hidden + self.head.out_proj(y)).to(weight.dtype), weight, targets).as_tuple()
+
     # ------------------------------------------------------------------ training forward
     def forward(
         self,
@@ -141,8 +147,11 @@ class LLaDATRMHybrid(PreTrainedModel):
         per_step = self.refine_supervised(hidden, attention_mask, chunk_index, supervised, targets, position_ids,
                                           return_logits)
         with torch.no_grad():
-            backbone_logits = self.backbone.lm_head(hidden_sup.detach())
-            backbone_ce, backbone_prob, _, _ = _score(backbone_logits, targets)
+            backbone_logits = self.backbone.lm_head(hidden_sup.detach()) if return_logits else None
+            backbone_ce, backbone_prob, _, _ = (
+                _score(backbone_logits, targets) if return_logits
+                else lm_head_scores(hidden_sup.detach(), self.backbone.get_output_embeddings().weight, targets).as_tuple()
+            )
         return self._assemble_output(
             per_step, supervised, chunk_index, chunk_is_masked, input_ids == self.backbone.config.mask_token_id,
             backbone_ce, backbone_prob, backbone_logits if return_logits else None, labels,
@@ -153,7 +162,9 @@ class LLaDATRMHybrid(PreTrainedModel):
     ) -> list[tuple]:
         """The head over every chunk for all `max_recursive_steps` steps; per step, at the supervised positions:
         (CE, p(label), max probability, argmax, logits or None). Each step is recomputed in the backward pass
-        when `recompute_steps` is on, so activation memory does not grow with the number of steps."""
+        when `recompute_steps` is on, so activation memory does not grow with the number of steps. Without
+        `return_logits` the scores come from the fused LM-head loss, outside the recomputed part: it keeps no
+        (N, V) tensor for backward, so there is nothing to gain by running it twice."""
         config = self.config
         context = self.head_context(hidden, attention_mask, chunk_index, position_ids)
         x = self.head.project_in(hidden)
@@ -161,6 +172,8 @@ class LLaDATRMHybrid(PreTrainedModel):
 
         def one_step(y: Tensor, z: Tensor, steps_done: int):
             state = self.head.step(RefinementState(y, z, steps_done), x, context)
+            if not return_logits:
+                return state.y, state.z
             logits = self.step_logits_at(hidden_sup, state.y[supervised])
             return (state.y, state.z, *_score(logits, targets), logits if return_logits else None)
 
@@ -174,6 +187,8 @@ class LLaDATRMHybrid(PreTrainedModel):
             else:
                 outputs = one_step(state.y, state.z, state.steps_done)
             state = RefinementState(outputs[0], outputs[1], state.steps_done + 1)
+            if not return_logits:
+                outputs = (*outputs, *self.step_scores_at(hidden_sup, state.y[supervised], targets), None)
             per_step.append(outputs[2:])
         return per_step
 

@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from .attention import KVCache, attend, attention_allowed, block_ids
 from .configuration_llada import LLaDAConfig
+from .flex_attention import block_causal_block_mask, use_flex
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -95,7 +96,7 @@ class LLaDABlock(nn.Module):
 class AttentionContext:
     """What every layer of one forward call shares: the mask, RoPE angles and the keys' blocks and padding."""
 
-    allowed: Tensor | None  # (B, 1, L, past + L) bool, or None for unmasked bidirectional attention
+    allowed: Tensor | None  # (B, 1, L, past + L) bool, a FlexAttention BlockMask, or None (unmasked bidirectional)
     rope: tuple[Tensor, Tensor]
     key_blocks: Tensor  # (B, past + L)
     key_is_real: Tensor  # (B, past + L)
@@ -126,7 +127,11 @@ def attention_context(
         key_is_real = torch.cat((past.key_is_real, is_real), dim=1)
     # Plain bidirectional attention over unpadded input needs no mask at all (the fastest SDPA path).
     needs_mask = chunk_index is not None or not bool(key_is_real.all())
-    allowed = attention_allowed(blocks_now, key_blocks, key_is_real) if needs_mask else None
+    allowed = None
+    if needs_mask and use_flex(is_real.device, past_length, head_dim):
+        allowed = block_causal_block_mask(blocks_now, key_blocks, key_is_real)
+    elif needs_mask:
+        allowed = attention_allowed(blocks_now, key_blocks, key_is_real)
     return AttentionContext(allowed, rope_cos_sin(position_ids, head_dim, rope_theta), key_blocks, key_is_real)
 
 

@@ -346,16 +346,22 @@ class ChunkDecoder:
         num_chunks = -(-max(self.budgets) // size)
         for k in range(num_chunks):
             chunk = self.decode_chunk(k)  # (n, C) for the active rows
-            full = torch.full((len(self.budgets), size), self.settings.pad_id, dtype=torch.long, device=self.device)
-            full[self.active] = chunk
+            if len(self.active) < len(self.budgets):  # finished rows get pad
+                full = torch.full((len(self.budgets), size), self.settings.pad_id, dtype=torch.long, device=self.device)
+                full[self.active] = chunk
+            else:
+                full = chunk
             self.chunks.append(full)
-            still_running = self.update_rows(k, chunk)
-            self.active = self.active[still_running]
-            if len(self.active) == 0:
+            running = self.update_rows(k, chunk)
+            if not any(running):
                 return k + 1
+            kept = chunk
+            if not all(running):  # rows leave the batch; while none does, no cache is copied
+                still_running = torch.tensor(running, dtype=torch.bool, device=self.device)
+                self.active, kept = self.active[still_running], chunk[still_running]
+                if self.settings.use_cache:
+                    self.caches = self.caches.select(still_running)
             if self.settings.use_cache:
-                self.caches = self.caches.select(still_running)
-                kept = chunk[still_running]
                 self.pending = (kept, torch.ones_like(kept), torch.full_like(kept, k))
         return num_chunks
 
@@ -399,8 +405,8 @@ class ChunkDecoder:
                                  reasoning_chunks.expand(len(rows), -1)], dim=1)
         return ids, mask, chunk_index, False
 
-    def update_rows(self, k: int, chunk: Tensor) -> Tensor:
-        """Record chunk k of each active row and decide who stops; returns the keep mask (n,) of the active rows."""
+    def update_rows(self, k: int, chunk: Tensor) -> list[bool]:
+        """Record chunk k of each active row and decide who stops; returns, per active row, whether it goes on."""
         running = []
         for row, chunk_tokens in zip(self.active.tolist(), chunk.tolist()):
             tokens = self.generated[row]
@@ -409,7 +415,7 @@ class ChunkDecoder:
             stop = stop_length(tokens, start, self.settings)
             self.keep[row] = min(stop if stop is not None else len(tokens), self.budgets[row])
             running.append(stop is None and len(tokens) < self.budgets[row])
-        return torch.tensor(running, dtype=torch.bool, device=self.device)
+        return running
 
     def output(self, num_chunks: int) -> RefinementOutput:
         settings = self.settings

@@ -209,3 +209,21 @@ def test_hybrid_methods_delegate(model):
     sampled = model.generate(prompt, steps=4, gen_length=4, block_length=4)
     assert sampled.shape == (1, 9) and torch.equal(sampled[:, :5], prompt)
     assert model.training is False
+
+
+def test_caches_are_copied_only_when_rows_leave_the_batch(model, monkeypatch):
+    """Selecting the running rows copies every cache: while no row has finished, the decoder must not do it."""
+    from llada_trm import refinement_decoding
+
+    selected = []
+    original = refinement_decoding.Caches.select
+    monkeypatch.setattr(refinement_decoding.Caches, "select",
+                        lambda self, rows: selected.append(rows.tolist()) or original(self, rows))
+    everyone = generate_with_refinement(model, PROMPTS, max_new_tokens=12, ignore_eos=True)
+    assert selected == [] and all(len(tokens) == 12 for tokens in everyone.new_tokens)
+    prompts = PROMPTS[:2] + [PROMPTS[2] * 8]  # 5, 9 and 16 tokens: with max_length 21 the last row stops first
+    uneven = generate_with_refinement(model, prompts, max_length=21, ignore_eos=True)
+    assert selected, "a row that reaches its length first leaves the batch"
+    assert [len(t) for t in uneven.new_tokens] == [16, 12, 5]
+    alone = [generate_with_refinement(model, [p], max_length=21, ignore_eos=True).new_tokens[0] for p in prompts]
+    assert uneven.new_tokens == alone

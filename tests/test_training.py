@@ -193,7 +193,9 @@ def test_two_processes_give_the_loss_of_one_process_with_the_same_global_batch(b
                          "--num_synthetic_train", "24", "--eval_split", "none")
         result = subprocess.run([*launcher, str(REPO / "train_llada_trm_hybrid_sft.py"), *args],
                                 capture_output=True, text=True, timeout=900,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                     # both runs on CPU with gloo: two ranks cannot share one GPU under NCCL
+                                     "CUDA_VISIBLE_DEVICES": ""})
         assert result.returncode == 0, result.stderr[-3000:]
         return [r["loss"] for r in read_metrics(output_dir)]
 
