@@ -2,7 +2,6 @@
 run's loss sequence and final weights equal the uninterrupted run's, and no finished checkpoint is ever lost
 or damaged. The kill points are drawn from the events counted by tests/kill_runner.py."""
 
-import json
 import os
 import random
 import signal
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fault_injection import assert_same_losses, losses
 
 from llada_trm import LLaDATRMHybrid
 from llada_trm.checkpointing import checkpoint_step, complete_checkpoints, resolve_resume, validate_checkpoint
@@ -37,16 +37,6 @@ def run_killable(backbone_dir, output_dir, kill_at: int, torn: bool = False) -> 
            "KILL_TORN": "1" if torn else "0", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, str(TESTS / "kill_runner.py"), *run_args(backbone_dir, output_dir)],
                           capture_output=True, text=True, env=env, timeout=600)
-
-
-def assert_same_losses(actual: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
-    assert [step for step, _ in actual] == [step for step, _ in expected]
-    assert [loss for _, loss in actual] == pytest.approx([loss for _, loss in expected], rel=1e-6)
-
-
-def losses(output_dir) -> list[tuple[int, float]]:
-    records = map(json.loads, (Path(output_dir) / "metrics.jsonl").read_text().splitlines())
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
 def completed_steps(output_dir) -> list[int]:
