@@ -15,9 +15,11 @@ from torch import Tensor
 def reference_label_prob(model, batch: dict, output, loss_weighting: str) -> Tensor:
     """p_ref (B, L) for the token weights: the frozen backbone's (already in `output`), or under LoRA and `lr`
     the adapter-free backbone's."""
+    if loss_weighting != "lr":
+        return output.backbone_label_prob
     hybrid = getattr(model, "module", model)  # a DDP wrapper keeps the hybrid in .module
-    backbone = hybrid.backbone
-    if loss_weighting != "lr" or not hasattr(backbone, "disable_adapter"):
+    backbone = getattr(hybrid, "backbone", None)  # a plain callable (tests) has none
+    if not hasattr(backbone, "disable_adapter"):
         return output.backbone_label_prob
     supervised = output.supervised_mask
     with torch.no_grad(), backbone.disable_adapter():

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llada_trm import LLaDAConfig
 from llada_trm.arguments import parse_arguments
+from llada_trm.defaults import TINY_LLADA_PATH
 from llada_trm.grad_trace.__main__ import main as trace_main
 from llada_trm.train import main as train_main
 from llada_trm.trainer import Trainer
@@ -46,7 +48,8 @@ def test_training_writes_one_trace_of_every_supervised_token(embedded_runs):
     assert all(-1 <= t["alignment"] <= 1 and t["grad_norm"] >= 0 and len(t["step_alignments"]) == 2 for t in tokens)
     assert {t["chunk_masked"] for t in tokens} == {True, False}
     sft_header = records(embedded_runs["llada_sft"], "trace")[0]
-    assert all(".blocks.3." in p for p in sft_header["params"]) and sft_header["refinement_steps"] is None
+    last_block = LLaDAConfig.from_pretrained(TINY_LLADA_PATH).n_layers - 1  # the backbone's last layer
+    assert all(f".blocks.{last_block}." in p for p in sft_header["params"]) and sft_header["refinement_steps"] is None
 
 
 def test_analyze_writes_the_summary(embedded_runs, capsys):
