@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     output = Path(options.output_dir)
-    summary = {"command": command, "settings": {k: v for k, v in vars(options).items()},
+    summary = {"command": command, "settings": vars(options),
                "headline": headline(runs), "runs": runs}
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_accuracy(runs, output / PLOT_FILE)

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from .generation import generate
 from .layout import ANSWER_CLOSE, extract_answer
-from .refinement_decoding import generate_with_refinement, left_pad
+from .refinement_decoding import generate_with_refinement, left_pad, single_token_id
 
 DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
+SAMPLER_MIN_BATCH = 32  # the sampler runs one cheap step per token: larger batches amortise its Python loop
 
 
 def prompt_ids_of(row: dict) -> list[int]:
@@ -99,8 +100,7 @@ def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens
     `block_length`, temperature 0; `max_new_tokens` is rounded up to whole blocks."""
     gen_length = -(-max_new_tokens // block_length) * block_length
     eos_id, mask_id = tokenizer.eos_token_id, backbone.config.mask_token_id
-    close_ids = tokenizer(ANSWER_CLOSE, add_special_tokens=False)["input_ids"]
-    answer_close_id = close_ids[0] if len(close_ids) == 1 else None
+    answer_close_id = single_token_id(tokenizer, ANSWER_CLOSE)
     stop_ids = (eos_id,) if answer_close_id is None else (eos_id, answer_close_id)
 
     def decode(prompts):
@@ -145,7 +145,7 @@ def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size
     for name in (d for d in DECODERS if d in models):
         if name == "backbone_llada_sampler":
             results[name] = llada_sampler_accuracy(models[name], tokenizer, rows, max_new_tokens, chunk_size,
-                                                   batch_size=max(batch_size, 32), progress=progress)
+                                                   batch_size=max(batch_size, SAMPLER_MIN_BATCH), progress=progress)
         else:
             results[name] = chunk_decoder_accuracy(models[name], tokenizer, rows, max_new_tokens,
                                                    enable_refinement=name == "hybrid_refined",

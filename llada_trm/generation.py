@@ -189,7 +189,7 @@ def generate(
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     active = torch.arange(batch, device=device)  # rows still decoding (all, unless stop_token_ids)
-    out = x.clone()  # x holds the active rows only
+    out = x.clone() if stop_token_ids else x  # with stop tokens, x holds the active rows only
     was_training = model.training
     model.eval()
     try:
@@ -207,15 +207,16 @@ def generate(
                 x[:, window] = commit_top_k(current, x0, confidence, schedule[:, step])
             if stop_token_ids:
                 # Each row attends only to itself, so a finished row can leave the batch without changing others.
-                out[active] = x
                 running = ~rows_stopped(x[:, prompt_length:block_end], stop_token_ids, mask_id)
-                if not running.any():
-                    break
                 if not running.all():
+                    out[active] = x
                     active, x = active[running], x[running]
                     if attention_mask is not None:
                         attention_mask, position_ids = attention_mask[running], position_ids[running]
-        out[active] = x
+                if len(active) == 0:
+                    break
+        if stop_token_ids:
+            out[active] = x
     finally:
         model.train(was_training)
     return out

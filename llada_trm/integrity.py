@@ -107,8 +107,7 @@ def check_torch_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                with archive.open(info):  # opening reads and checks the member's local header
-                    pass
+                archive.open(info).close()  # opening reads and checks the member's local header
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
         raise BrokenFileError(path, f"corrupt or truncated torch archive ({one_line(error)})") from None
 

@@ -111,11 +111,11 @@ def _resolve_settings(model, tokenizer, enable_refinement, use_cache, temperatur
         chunk_size=chunk_size, mask_id=backbone_config.mask_token_id, eos_id=eos_id, pad_id=pad_id,
         refine=enable_refinement, use_cache=use_cache, min_steps=min_steps, max_steps=max_steps,
         threshold=float(threshold), temperature=float(temperature), rounds=decode_steps_per_chunk,
-        answer_close_id=_single_token_id(tokenizer, ANSWER_CLOSE), tokenizer=tokenizer, ignore_eos=ignore_eos,
+        answer_close_id=single_token_id(tokenizer, ANSWER_CLOSE), tokenizer=tokenizer, ignore_eos=ignore_eos,
     )
 
 
-def _single_token_id(tokenizer, text: str) -> int | None:
+def single_token_id(tokenizer, text: str) -> int | None:
     if tokenizer is None:
         return None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

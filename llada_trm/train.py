@@ -13,7 +13,7 @@ from .arguments import UsageError, parse_arguments
 from .configuration_hybrid import HybridConfigError
 from .configuration_llada import LLaDAConfigError
 from .data import DataArgumentError, DataError
-from .evaluation import format_fair_table
+from .evaluation import format_fair_table, prompt_ids_of
 from .modeling_llada import CheckpointMismatchError
 from .trainer import Trainer, TrainingError
 
@@ -51,7 +51,7 @@ def sample_generation(trainer: Trainer, model_dir: str) -> None:
     """Decode one held-out question with the trained model, as a user would."""
     data = trainer.eval_data or trainer.train_data
     row = data.dataset[0]
-    prompt_ids = [i for i, c, a in zip(row["input_ids"], row["chunk_index"], row["attention_mask"]) if c < 0 and a]
+    prompt_ids = prompt_ids_of(row)
     model = trainer.accelerator.unwrap_model(trainer.model)
     budget = trainer.fair_eval["max_new_tokens"] if trainer.fair_eval else 256
     result = model.generate_with_refinement(prompt_ids, tokenizer=trainer.tokenizer, max_new_tokens=budget,

@@ -289,7 +289,7 @@ class Trainer:
         frozen = is_hybrid and model.config.freeze_backbone
         models = {"backbone_llada_sampler": backbone,
                   "backbone_chunked": model if is_hybrid else _backbone_only_hybrid(model, self.args)}
-        models = {name: m for name, m in models.items() if not (frozen and name in self.frozen_backbone_rows)}
+        models = {name: net for name, net in models.items() if not (frozen and name in self.frozen_backbone_rows)}
         if is_hybrid:
             models["hybrid_refined"] = model
         evaluation = fair_evaluation(models=models, **options)

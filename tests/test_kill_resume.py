@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_fault_injection import assert_same_losses, losses
+from test_fault_injection import run_args as fault_run_args
 
 from llada_trm import LLaDATRMHybrid
 from llada_trm.checkpointing import checkpoint_step, complete_checkpoints, resolve_resume, validate_checkpoint
@@ -23,13 +24,8 @@ KILLS, TORN_KILLS, SEED = 4, 2, 13
 
 
 def run_args(backbone_dir, output_dir, *extra):
-    return [
-        "--model_name_or_path", str(backbone_dir), "--output_dir", str(output_dir),
-        "--num_synthetic_train", "24", "--num_synthetic_eval", "8", "--batch_size", "4", "--eval_split", "none",
-        "--max_recursive_steps", "2", "--min_recursive_steps", "1", "--head_hidden_size", "32",
-        "--eval_max_samples", "0", "--logging_steps", "1", "--max_length", "192", "--learning_rate", "0.01",
-        "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "2", *extra,
-    ]
+    """The fault-injection runs' flags, 4 steps, the last 2 checkpoints kept (later flags win)."""
+    return fault_run_args(backbone_dir, output_dir, "--max_steps", "4", "--save_total_limit", "2", *extra)
 
 
 def run_killable(backbone_dir, output_dir, kill_at: int, torn: bool = False) -> subprocess.CompletedProcess:
