@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from llada_trm.arguments import parse_arguments
-from llada_trm.trainer import Trainer
+from llada_trm.training.arguments import parse_arguments
+from llada_trm.training.trainer import Trainer
 
 SELECTIONS = (("off", None), ("default (head last layer + out_proj)", "default"), ("out_proj only", "head.out_proj"))
 

@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import SavedTensorMeter, describe_machine, time_call  # noqa: E402
 
-from llada_trm.hybrid import _score  # noqa: E402
-from llada_trm.lm_head_loss import lm_head_scores  # noqa: E402
+from llada_trm.model.hybrid import _score  # noqa: E402
+from llada_trm.model.lm_head_loss import lm_head_scores  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

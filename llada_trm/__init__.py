@@ -2,17 +2,17 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .collator import ChunkMaskingCollator
-from .configuration_hybrid import HybridConfig
-from .configuration_llada import LLaDAConfig, LLaDAConfigError
-from .data import DataArguments, DataError, prepare_dataset
-from .evaluation import chunk_decoder_accuracy, fair_evaluation, llada_sampler_accuracy
-from .hybrid import HybridOutput, LLaDATRMHybrid
-from .integrity import BrokenFileError
-from .modeling_llada import CheckpointMismatchError, LLaDAModelLM
-from .refinement_decoding import RefinementOutput, generate_with_refinement
-from .truncation import TruncationConfig, truncation_keep_mask
-from .weighting import WeightingConfig, token_weights
+from llada_trm.data.collator import ChunkMaskingCollator
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.configuration_llada import LLaDAConfig, LLaDAConfigError
+from llada_trm.data.dataset import DataArguments, DataError, prepare_dataset
+from llada_trm.inference.exact_match import chunk_decoder_accuracy, fair_evaluation, llada_sampler_accuracy
+from llada_trm.model.hybrid import HybridOutput, LLaDATRMHybrid
+from llada_trm.model.integrity import BrokenFileError
+from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM
+from llada_trm.inference.chunk_decoding import RefinementOutput, generate_with_refinement
+from llada_trm.training.truncation import TruncationConfig, truncation_keep_mask
+from llada_trm.training.weighting import WeightingConfig, token_weights
 
 # `AutoConfig` / `AutoModel` know the official model_type "llada" without trust_remote_code.
 AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from llada_trm import LLaDAConfig, LLaDAModelLM  # noqa: E402
-from llada_trm.defaults import TINY_LLADA_PATH  # noqa: E402
+from llada_trm.embedded.assets import TINY_LLADA_PATH  # noqa: E402
 
 
 def make_config(**overrides) -> LLaDAConfig:

@@ -9,7 +9,7 @@ from conftest import make_config
 from safetensors.torch import save_file
 
 from llada_trm import CheckpointMismatchError, LLaDAConfig, LLaDAModelLM
-from llada_trm.configuration_llada import LLaDAConfigError
+from llada_trm.model.configuration_llada import LLaDAConfigError
 
 OFFICIAL_FIELDS = dict(
     d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=40, mlp_ratio=4, vocab_size=50,

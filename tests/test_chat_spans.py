@@ -5,11 +5,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from llada_trm.chat_spans import find_subsequence_end, header_token_variants, split_chat, start_from_headers
-from llada_trm.data import DataArguments, DataError, Recipe, prepare_batch, prepare_dataset
-from llada_trm.defaults import TINY_LLADA_PATH
-from llada_trm.layout import MARKER
-from llada_trm.tokenizer import CHAT_TEMPLATE as LLAMA3
+from llada_trm.data.chat_spans import find_subsequence_end, header_token_variants, split_chat, start_from_headers
+from llada_trm.data.dataset import DataArguments, DataError, Recipe, prepare_batch, prepare_dataset
+from llada_trm.embedded.assets import TINY_LLADA_PATH
+from llada_trm.data.layout import MARKER
+from llada_trm.embedded.tokenizer import CHAT_TEMPLATE as LLAMA3
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llada_trm.collator import ChunkMaskingCollator, draw_masked_chunks, mask_seed, pad_batch
-from llada_trm.data import layout_sample
+from llada_trm.data.collator import ChunkMaskingCollator, draw_masked_chunks, mask_seed, pad_batch
+from llada_trm.data.dataset import layout_sample
 
 PAD = EOS = 1
 MASK = 2
@@ -257,7 +257,7 @@ def test_partial_masking_fraction_follows_the_drawn_rate():
 
 
 def test_visible_tokens_of_a_partially_masked_chunk_weigh_as_unmasked():
-    from llada_trm.losses import chunk_token_weights
+    from llada_trm.training.losses import chunk_token_weights
 
     chunk_index = torch.tensor([[-1, 0, 0, 1, 1]])
     chunk_is_masked = torch.tensor([[True, False]])

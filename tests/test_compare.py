@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llada_trm.compare import PLOT_FILE, SUMMARY_FILE, compute_to_reach, format_table, headline, main
+from llada_trm.cli.compare import PLOT_FILE, SUMMARY_FILE, compute_to_reach, format_table, headline, main
 
 
 def run(method, points):

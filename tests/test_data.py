@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import HfArgumentParser
 
-from llada_trm.data import (
+from llada_trm.data.dataset import (
     BadSample,
     DataArgumentError,
     DataArguments,
@@ -16,8 +16,8 @@ from llada_trm.data import (
     layout_sample,
     prepare_dataset,
 )
-from llada_trm.layout import MARKER, render_prompt, render_reasoning
-from llada_trm.synthetic import generate_split
+from llada_trm.data.layout import MARKER, render_prompt, render_reasoning
+from llada_trm.embedded.arithmetic_task import generate_split
 
 C = 16
 

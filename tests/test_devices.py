@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_hybrid import make_batch, make_hybrid
 
-from llada_trm.debug_view import format_chunk_inspection
+from llada_trm.training.debug_view import format_chunk_inspection
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

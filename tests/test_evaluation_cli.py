@@ -12,13 +12,13 @@ import torch
 from conftest import make_config, shipped_vocab_size
 
 from llada_trm import LLaDAModelLM
-from llada_trm.configuration_hybrid import HybridConfig
-from llada_trm.data import layout_sample
-from llada_trm.generation import generate
-from llada_trm.evaluation import (chunk_decoder_accuracy, default_new_token_budget, fair_evaluation,
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.data.dataset import layout_sample
+from llada_trm.inference.sampler import generate
+from llada_trm.inference.exact_match import (chunk_decoder_accuracy, default_new_token_budget, fair_evaluation,
                                   llada_sampler_accuracy, prompt_ids_of, scored_rows)
-from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.layout import render_prompt
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.data.layout import render_prompt
 
 CHUNK = 4
 QUESTIONS = ["Mia has 3 apples.", "Leo finds 4 coins.", "Ava has 2 books and buys 5 more."]
@@ -162,21 +162,21 @@ def run_module(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 def test_generate_cli_prints_the_answer(checkpoint_dirs):
     checkpoint, _ = checkpoint_dirs
-    result = run_module("llada_trm.generate", "--checkpoint", str(checkpoint), "--prompt", "Mia has 3 apples.",
+    result = run_module("llada_trm.cli.generate", "--checkpoint", str(checkpoint), "--prompt", "Mia has 3 apples.",
                         "--max_length", "100")
     assert result.returncode == 0, result.stderr
     assert "Answer: 7" in result.stdout.splitlines()
 
 
 def test_generate_cli_missing_checkpoint_is_a_one_line_error(tmp_path):
-    result = run_module("llada_trm.generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi")
+    result = run_module("llada_trm.cli.generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "nope" in result.stderr
 
 
 def test_generate_cli_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, checkpoint_dirs, capsys):
-    from llada_trm.generate import main
+    from llada_trm.cli.generate import main
 
     _, backbone = checkpoint_dirs
     assert main(["--checkpoint", str(tmp_path), "--prompt", "hi"]) == 2
@@ -186,7 +186,7 @@ def test_generate_cli_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, che
 
 
 def test_generate_cli_modes(checkpoint_dirs, capsys, monkeypatch):
-    from llada_trm.generate import main
+    from llada_trm.cli.generate import main
 
     checkpoint, backbone = checkpoint_dirs
     assert main(["--checkpoint", str(checkpoint), "--prompt", "Leo finds 4 coins.", "--trace", "--no_refinement",
@@ -202,7 +202,7 @@ def test_generate_cli_modes(checkpoint_dirs, capsys, monkeypatch):
 
 
 def test_evaluate_cli_reports_every_decoder(checkpoint_dirs, tmp_path, capsys):
-    from llada_trm.evaluate import main
+    from llada_trm.cli.evaluate import main
 
     checkpoint, _ = checkpoint_dirs
     records = [{"question": q, "reasoning": ["3 + 4 = 7."], "answer": a} for q, a in zip(QUESTIONS, ["7", "7", "8"])]

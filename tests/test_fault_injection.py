@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from llada_trm import LLaDATRMHybrid
-from llada_trm.checkpointing import complete_checkpoints, resolve_resume, validate_checkpoint
-from llada_trm.generate import main as generate_main
-from llada_trm.integrity import MANIFEST, BrokenFileError, write_manifest
-from llada_trm.loading import load_backbone, load_tokenizer, resolve_device
-from llada_trm.run_directory import acquire_lock, release_lock
-from llada_trm.train import main as train_main
+from llada_trm.training.checkpointing import complete_checkpoints, resolve_resume, validate_checkpoint
+from llada_trm.cli.generate import main as generate_main
+from llada_trm.model.integrity import MANIFEST, BrokenFileError, write_manifest
+from llada_trm.model.loading import load_backbone, load_tokenizer, resolve_device
+from llada_trm.training.run_directory import acquire_lock, release_lock
+from llada_trm.cli.train import main as train_main
 
 CHECKPOINT_FILES = [
     "manifest.json", "model.safetensors", "optimizer.bin", "rng_state_0.json", "rng_state_0.safetensors",
@@ -258,8 +258,8 @@ def test_a_new_run_refuses_a_directory_of_another_run(run_copy, backbone_dir, ca
 
 
 def test_the_directory_is_checked_before_data_or_model_are_loaded(run_copy, backbone_dir, monkeypatch):
-    from llada_trm import trainer as trainer_module
-    from llada_trm.arguments import UsageError, parse_arguments
+    from llada_trm.training import trainer as trainer_module
+    from llada_trm.training.arguments import UsageError, parse_arguments
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the tokenizer was loaded before the run directory was checked")
@@ -303,7 +303,8 @@ def test_a_second_live_run_in_the_same_directory_is_refused(run_copy, backbone_d
 
 @pytest.mark.parametrize("cli", ["generate", "evaluate", "inspect"])
 def test_inference_clis_on_a_truncated_checkpoint_print_one_line(cli, run_copy, capsys):
-    from llada_trm import evaluate, generate, inspect
+    from llada_trm.cli import evaluate, generate
+    from llada_trm.cli import inspect_chunks as inspect
 
     model_dir = run_copy / "checkpoint-3" / "model"
     truncate(model_dir / "model.safetensors")

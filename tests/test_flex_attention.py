@@ -6,10 +6,10 @@ from conftest import make_config
 from test_hybrid import make_batch
 
 from llada_trm import LLaDAModelLM
-from llada_trm import flex_attention as flex
-from llada_trm.configuration_hybrid import HybridConfig
-from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.modeling_llada import attention_context
+from llada_trm.model import flex_attention as flex
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.modeling_llada import attention_context
 
 pytestmark = pytest.mark.skipif(not flex.flex_available(), reason="this torch build has no FlexAttention")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

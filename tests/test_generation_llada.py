@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import make_config
 
 from llada_trm import LLaDAModelLM
-from llada_trm.generation import generate, gumbel_argmax, transfer_schedule
+from llada_trm.inference.sampler import generate, gumbel_argmax, transfer_schedule
 
 MASK = 2  # mask_token_id of make_config
 

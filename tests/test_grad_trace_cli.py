@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from llada_trm import LLaDAConfig
-from llada_trm.arguments import parse_arguments
-from llada_trm.defaults import TINY_LLADA_PATH
+from llada_trm.training.arguments import parse_arguments
+from llada_trm.embedded.assets import TINY_LLADA_PATH
 from llada_trm.grad_trace.__main__ import main as trace_main
-from llada_trm.train import main as train_main
-from llada_trm.trainer import Trainer
+from llada_trm.cli.train import main as train_main
+from llada_trm.training.trainer import Trainer
 
 SMALL = ["--num_synthetic_train", "16", "--num_synthetic_eval", "4", "--eval_max_samples", "0", "--batch_size", "2",
          "--max_recursive_steps", "2", "--min_recursive_steps", "1", "--head_hidden_size", "32", "--logging_steps", "1",

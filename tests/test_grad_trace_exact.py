@@ -5,10 +5,10 @@ import torch
 
 from llada_trm import HybridConfig, LLaDAModelLM, LLaDATRMHybrid
 from llada_trm.grad_trace import TokenGradTracer
-from llada_trm.losses import step_weights
-from llada_trm.objectives import HybridObjective, LLaDASFTObjective
-from llada_trm.truncation import TruncationConfig
-from llada_trm.weighting import WeightingConfig
+from llada_trm.training.losses import step_weights
+from llada_trm.training.objectives import HybridObjective, LLaDASFTObjective
+from llada_trm.training.truncation import TruncationConfig
+from llada_trm.training.weighting import WeightingConfig
 
 from conftest import make_config
 
@@ -134,7 +134,7 @@ def test_llada_sft_per_token_gradients_equal_per_token_autograd():
     norms, alignments, tokens = traced(records)
 
     # The same masks as the objective: replay its generator, and check the weights reproduce its loss.
-    from llada_trm.diffusion import forward_mask
+    from llada_trm.training.diffusion import forward_mask
 
     is_response = batch["labels"] != -100
     targets = batch["labels"].where(is_response, batch["input_ids"])
@@ -174,7 +174,7 @@ def test_llada_sft_with_lora_adapters_equals_per_token_autograd():
     assert any("q_proj.lora_A" in n for n in tracer.fast) and any("v_proj.lora_B" in n for n in tracer.general)
     norms, alignments, tokens = traced(tracer.trace(backbone, batch, torch.Generator().manual_seed(1), step=1))
 
-    from llada_trm.diffusion import forward_mask
+    from llada_trm.training.diffusion import forward_mask
 
     is_response = batch["labels"] != -100
     targets = batch["labels"].where(is_response, batch["input_ids"])

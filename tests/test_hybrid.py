@@ -5,9 +5,9 @@ import torch
 from conftest import make_config
 
 from llada_trm import LLaDAModelLM
-from llada_trm.configuration_hybrid import HybridConfig
-from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.losses import chunk_token_weights, deep_supervision_loss
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.training.losses import chunk_token_weights, deep_supervision_loss
 
 PAD = 1
 

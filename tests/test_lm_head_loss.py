@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from test_hybrid import make_batch, make_hybrid
 
-from llada_trm.hybrid import _score
-from llada_trm.lm_head_loss import lm_head_scores, rows_per_chunk
-from llada_trm.objectives import HybridObjective
-from llada_trm.truncation import TruncationConfig
-from llada_trm.weighting import WeightingConfig
+from llada_trm.model.hybrid import _score
+from llada_trm.model.lm_head_loss import lm_head_scores, rows_per_chunk
+from llada_trm.training.objectives import HybridObjective
+from llada_trm.training.truncation import TruncationConfig
+from llada_trm.training.weighting import WeightingConfig
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 

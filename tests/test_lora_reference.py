@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from llada_trm import HybridConfig, LLaDAModelLM, LLaDATRMHybrid
-from llada_trm.arguments import UsageError, parse_arguments
-from llada_trm.losses import deep_supervision_loss
-from llada_trm.objectives import HybridObjective
-from llada_trm.truncation import TruncationConfig
-from llada_trm.weighting import WeightingConfig
+from llada_trm.training.arguments import UsageError, parse_arguments
+from llada_trm.training.losses import deep_supervision_loss
+from llada_trm.training.objectives import HybridObjective
+from llada_trm.training.truncation import TruncationConfig
+from llada_trm.training.weighting import WeightingConfig
 
 from conftest import make_config
 

@@ -6,10 +6,10 @@ import torch
 from conftest import make_config, shipped_vocab_size
 
 from llada_trm import LLaDAModelLM
-from llada_trm.configuration_hybrid import HybridConfig
-from llada_trm.hybrid import LLaDATRMHybrid
-from llada_trm.layout import ANSWER_CLOSE
-from llada_trm.refinement_decoding import generate_with_refinement, stop_length
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.data.layout import ANSWER_CLOSE
+from llada_trm.inference.chunk_decoding import generate_with_refinement, stop_length
 
 CHUNK, MASK, EOS = 4, 2, 1
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21]]  # padded widths 8, 12, 4
@@ -152,7 +152,7 @@ def test_answer_close_token_stops_generation(shipped_tokenizer):
 
 
 def test_answer_close_split_over_tokens_is_found_in_the_text(shipped_tokenizer):
-    from llada_trm.refinement_decoding import Settings
+    from llada_trm.inference.chunk_decoding import Settings
 
     pieces = [shipped_tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("7 <", "/answer>", " x")]
     tokens = [t for piece in pieces for t in piece]
@@ -166,8 +166,8 @@ def test_answer_close_split_over_tokens_is_found_in_the_text(shipped_tokenizer):
 
 
 def test_prompts_with_the_marker_are_kept_and_questions_rendered(shipped_tokenizer):
-    from llada_trm.layout import render_prompt
-    from llada_trm.refinement_decoding import prompt_token_lists
+    from llada_trm.data.layout import render_prompt
+    from llada_trm.inference.chunk_decoding import prompt_token_lists
 
     bos = shipped_tokenizer.bos_token_id
     expected = [bos, *shipped_tokenizer(render_prompt("Mia has 3 apples."), add_special_tokens=False)["input_ids"]]
@@ -213,7 +213,7 @@ def test_hybrid_methods_delegate(model):
 
 def test_caches_are_copied_only_when_rows_leave_the_batch(model, monkeypatch):
     """Selecting the running rows copies every cache: while no row has finished, the decoder must not do it."""
-    from llada_trm import refinement_decoding
+    from llada_trm.inference import chunk_decoding as refinement_decoding
 
     selected = []
     original = refinement_decoding.Caches.select

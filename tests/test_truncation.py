@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llada_trm.truncation import (
+from llada_trm.training.truncation import (
     TRUNCATION_PRESETS,
     TruncationConfig,
     TruncationConfigError,
@@ -41,7 +41,7 @@ def masked_positions(decision, valid, row=0):
     return (valid[row] & ~decision.keep[row]).nonzero().flatten().tolist()
 
 
-# --- worked examples (DESIGN 6) ------------------------------------------------------------------------
+# --- worked examples (docs/architecture.md §10) -----------------------------------------------------------------------
 
 
 def test_worked_example_prefix_protection():
@@ -203,7 +203,7 @@ def test_linear_quantile_matches_torch_quantile():
 
 
 def reference_masked(loss, valid, cfg, draws=None):
-    """Per-row list of masked valid indices i, written straight from DESIGN 6 with Python loops."""
+    """Per-row list of masked valid indices i, written straight from docs/architecture.md §10 with Python loops."""
     rows = [[(l, j) for j, (l, ok) in enumerate(zip(lr, vr)) if ok] for lr, vr in zip(loss.tolist(), valid.tolist())]
     if not cfg.enable:
         return [[] for _ in rows]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llada_trm.weighting import WeightingConfig, WeightingConfigError, lower_median, token_weights
+from llada_trm.training.weighting import WeightingConfig, WeightingConfigError, lower_median, token_weights
 
 LOSS = torch.tensor([[1.0, 3.0, 2.0, 2.0], [5.0, 0.5, 9.0, 2.0]])
 KEEP = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1]]).bool()  # 7 kept tokens; the 9.0 is not kept

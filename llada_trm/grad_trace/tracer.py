@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .exact import DEFAULT_MAX_BYTES, LinearCapture, TokenGradients, batched_token_gradients
-from ..arguments import UsageError
+from llada_trm.training.arguments import UsageError
 from .selection import TraceSelectionError, fast_linears, parse_patterns, select_parameters
 from .token_types import TokenTexts
 from .views import HybridView, LLaDASFTView, MicroBatchTrace
@@ -56,7 +56,7 @@ class TokenGradTracer:
         step, acc = trainer.state.global_step + 1, trainer.accelerator
         if step % self.every or not acc.is_main_process:
             return None
-        from ..trainer import micro_batch_generator  # the generator the step's first micro-batch gets
+        from llada_trm.training.trainer import micro_batch_generator  # the generator the step's first micro-batch gets
 
         t = trainer.args.train
         generator = micro_batch_generator(t.seed, trainer.state.global_step, 0, acc.process_index, acc.device)

@@ -12,7 +12,7 @@ Hybrid: the loss of token t at step s is its cross-entropy l_{s,t}; ell_t = sum_
 alpha_s = a_s / sum a (the step weighting); the micro-batch loss is sum_t K_t ell_t / N with K_t = tau_t c_t w_t
 (truncation keep-mask, chunk weight, token weight), read off the objective itself as d loss_sum / d ell_t.
 llada_sft: the traced tokens are the masked response tokens, ell_t = CE_t, K_t = 1 / (p_mask * response length)
-and N = batch size (DESIGN 4.5).
+and N = batch size (docs/architecture.md §7).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..diffusion import forward_mask
-from ..losses import step_weights
+from llada_trm.training.diffusion import forward_mask
+from llada_trm.training.losses import step_weights
 
 
 @dataclass

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import KVCache
-from .configuration_hybrid import HybridConfig
-from .configuration_llada import LLaDAConfig
-from .modeling_llada import AttentionContext, LLaDABlock, RMSNorm, run_blocks
+from llada_trm.model.attention import KVCache
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.configuration_llada import LLaDAConfig
+from llada_trm.model.modeling_llada import AttentionContext, LLaDABlock, RMSNorm, run_blocks
 
 
 @dataclass

@@ -9,13 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .arguments import UsageError, parse_arguments
-from .configuration_hybrid import HybridConfigError
-from .configuration_llada import LLaDAConfigError
-from .data import DataArgumentError, DataError
-from .evaluation import format_fair_table, prompt_ids_of
-from .modeling_llada import CheckpointMismatchError
-from .trainer import Trainer, TrainingError
+from llada_trm.training.arguments import UsageError, parse_arguments
+from llada_trm.model.configuration_hybrid import HybridConfigError
+from llada_trm.model.configuration_llada import LLaDAConfigError
+from llada_trm.data.dataset import DataArgumentError, DataError
+from llada_trm.inference.exact_match import format_fair_table, prompt_ids_of
+from llada_trm.model.modeling_llada import CheckpointMismatchError
+from llada_trm.training.trainer import Trainer, TrainingError
 
 USER_ERRORS = (UsageError, DataError, DataArgumentError, LLaDAConfigError, HybridConfigError,
                CheckpointMismatchError, FileNotFoundError, OSError)

@@ -26,7 +26,7 @@ def pad_batch(features: list[dict], pad_token_id: int, chunk_size: int) -> dict[
     lengths = [len(f["input_ids"]) for f in features]
     if any(n % chunk_size for n in lengths):
         raise ValueError(f"sample lengths {lengths} are not all multiples of chunk_size {chunk_size}; prepare the "
-                         f"data with the same chunk_size (llada_trm.data.prepare_dataset)")
+                         f"data with the same chunk_size (llada_trm.data.dataset.prepare_dataset)")
     width = max(lengths)
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100, "chunk_index": -1}
     batch = {

@@ -1,6 +1,6 @@
 """Fair exact-match evaluation: the same held-out problems, the same new-token budget, each model with its best decoder.
 
-Three decoders are scored side by side (DESIGN 11, docs/inference.md):
+Three decoders are scored side by side (docs/architecture.md §12, docs/inference.md):
 - `backbone_llada_sampler`: the backbone alone with LLaDA's sampler (`generation.generate`), one token per step
   in semi-autoregressive blocks of `chunk_size`: a plain LLaDA's best decoder;
 - `backbone_chunked`: the backbone alone through the chunk decoder (`generate_with_refinement`, refinement off);
@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-from .generation import generate
-from .layout import ANSWER_CLOSE, extract_answer
-from .refinement_decoding import generate_with_refinement, left_pad, single_token_id
+from llada_trm.inference.sampler import generate
+from llada_trm.data.layout import ANSWER_CLOSE, extract_answer
+from llada_trm.inference.chunk_decoding import generate_with_refinement, left_pad, single_token_id
 
 DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
 SAMPLER_MIN_BATCH = 32  # the sampler runs one cheap step per token: larger batches amortise its Python loop

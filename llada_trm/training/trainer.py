@@ -1,7 +1,7 @@
 """The training loop: accelerate for devices, precision, distribution and state; global loss normalisation.
 
 What is notable:
-- Global normalisation (DESIGN 4.4). Each optimiser step takes its whole accumulation window of micro-batches
+- Global normalisation (docs/architecture.md §6). Each optimiser step takes its whole accumulation window of micro-batches
   first, so N (sum of chunk weights over supervised tokens, every micro-batch on every rank) is known before
   any backward: each micro-batch back-propagates `loss_sum * world_size / N` (DDP averages over ranks).
   Truncation removes tokens only during the forward pass, so the gradients are then rescaled by N / N_kept.
@@ -31,19 +31,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .arguments import RunArguments, UsageError
-from .checkpointing import load_checkpoint, register_state_hooks, resolve_resume, save_checkpoint
-from .collator import ChunkMaskingCollator, mask_seed, pad_batch
-from .configuration_hybrid import HybridConfig
-from .data import prepare_dataset
-from .debug_view import debug_enabled, format_chunk_inspection
-from .evaluation import default_new_token_budget, fair_evaluation, scored_rows
-from .grad_trace import build_grad_tracer
-from .hybrid import LLaDATRMHybrid
-from .loading import load_backbone, load_tokenizer
-from .objectives import HybridObjective, LLaDASFTObjective
-from .run_directory import claim_run_directory, precheck_run_directory, release_lock, trim_logs
-from .truncation import TruncationLogger
+from llada_trm.training.arguments import RunArguments, UsageError
+from llada_trm.training.checkpointing import load_checkpoint, register_state_hooks, resolve_resume, save_checkpoint
+from llada_trm.data.collator import ChunkMaskingCollator, mask_seed, pad_batch
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.data.dataset import prepare_dataset
+from llada_trm.training.debug_view import debug_enabled, format_chunk_inspection
+from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, scored_rows
+from llada_trm.grad_trace import build_grad_tracer
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.loading import load_backbone, load_tokenizer
+from llada_trm.training.objectives import HybridObjective, LLaDASFTObjective
+from llada_trm.training.run_directory import claim_run_directory, precheck_run_directory, release_lock, trim_logs
+from llada_trm.training.truncation import TruncationLogger
 
 BATCH_COLUMNS = ("input_ids", "attention_mask", "labels", "chunk_index", "sample_id")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from .data import DataArguments
-from .truncation import TruncationConfig
-from .weighting import WeightingConfig
+from llada_trm.data.dataset import DataArguments
+from llada_trm.training.truncation import TruncationConfig
+from llada_trm.training.weighting import WeightingConfig
 
 OBJECTIVES = ("hybrid", "llada_sft")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")

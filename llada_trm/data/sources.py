@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import datasets
 
 if TYPE_CHECKING:
-    from .data import DataArguments
+    from llada_trm.data.dataset import DataArguments
 
 ALIAS_HUB_NAMES = {"natural_reasoning": ("facebook/natural_reasoning", None), "gsm8k": ("openai/gsm8k", "main")}
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -63,8 +63,8 @@ def _bound(spec: str | None, n: int) -> int | None:
 
 def _load_synthetic(split: str, args: DataArguments) -> datasets.Dataset:
     # Imported here so that `python -m llada_trm.synthetic` does not find its module already imported.
-    from .synthetic import SPLITS as SYNTHETIC_SPLITS
-    from .synthetic import generate_split
+    from llada_trm.embedded.arithmetic_task import SPLITS as SYNTHETIC_SPLITS
+    from llada_trm.embedded.arithmetic_task import generate_split
 
     if split not in SYNTHETIC_SPLITS:
         raise DataError(f"the synthetic data set has splits {sorted(SYNTHETIC_SPLITS)}, not {split!r}")

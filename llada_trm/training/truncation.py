@@ -210,7 +210,7 @@ def _parse_overrides(overrides: Mapping | None) -> dict:
     return values
 
 
-# --- presets: the strategy ladder (DESIGN 6) ------------------------------------------------------------
+# --- presets: the strategy ladder (docs/architecture.md §10) ----------------------------------------------------------
 
 _STRATEGY_DEFAULTS = {
     "TRUNCATION_ENABLE": "true",

@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 import datasets
 from jinja2.exceptions import TemplateError
 
-from .chat_spans import split_chat
-from .data_sources import (
+from llada_trm.data.chat_spans import split_chat
+from llada_trm.data.sources import (
     _SPLIT_SPEC,
     ALIAS_HUB_NAMES,
     DataArgumentError,
     DataError,
     load_records,
 )
-from .layout import MARKER, extract_answer, render_prompt, render_reasoning
+from llada_trm.data.layout import MARKER, extract_answer, render_prompt, render_reasoning
 
 BAD_KINDS = (
     "malformed_json", "missing_field", "empty_reasoning", "no_marker", "no_assistant_span", "prompt_too_long",

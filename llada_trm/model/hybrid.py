@@ -20,13 +20,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_hybrid import HybridConfig
-from .head import RecursiveRefinementHead, RefinementState
-from .integrity import check_safetensors, write_manifest
-from .lm_head_loss import lm_head_scores
-from .loading import load_backbone, load_hybrid_config
-from .losses import chunk_token_weights, deep_supervision_loss
-from .modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.head import RecursiveRefinementHead, RefinementState
+from llada_trm.model.integrity import check_safetensors, write_manifest
+from llada_trm.model.lm_head_loss import lm_head_scores
+from llada_trm.model.loading import load_backbone, load_hybrid_config
+from llada_trm.training.losses import chunk_token_weights, deep_supervision_loss
+from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
 
 HEAD_WEIGHTS = "model.safetensors"
 
@@ -309,19 +309,19 @@ class LLaDATRMHybrid(PreTrainedModel):
     # ------------------------------------------------------------------ generation
     def generate_with_refinement(self, prompt, **kwargs):
         """Chunk-by-chunk decoding with the refinement head: `refinement_decoding.generate_with_refinement`."""
-        from .refinement_decoding import generate_with_refinement
+        from llada_trm.inference.chunk_decoding import generate_with_refinement
 
         return generate_with_refinement(self, prompt, **kwargs)
 
     def generate(self, prompt, **kwargs):
         """Plain LLaDA sampling with the backbone alone: `generation.generate`."""
-        from .generation import generate
+        from llada_trm.inference.sampler import generate
 
         return generate(self.backbone, prompt, **kwargs)
 
 
 def micro_batch_metrics(output: HybridOutput, labels: Tensor, position_is_masked: Tensor) -> dict[str, float]:
-    """The per-micro-batch numbers of DESIGN 4.4 (unweighted token means), as Python floats. "Masked chunk"
+    """The per-micro-batch numbers of docs/architecture.md §6 (unweighted token means), as Python floats. "Masked chunk"
     numbers are over the masked positions (all of a masked chunk's, unless chunks are masked partially)."""
     with torch.no_grad():
         supervised = output.supervised_mask

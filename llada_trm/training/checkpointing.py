@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .integrity import (
+from llada_trm.model.integrity import (
     BrokenFileError,
     check_json,
     fsync_directory,
@@ -37,7 +37,7 @@ from .integrity import (
     verify_manifest,
     write_manifest,
 )
-from .modeling_llada import CheckpointMismatchError
+from llada_trm.model.modeling_llada import CheckpointMismatchError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"

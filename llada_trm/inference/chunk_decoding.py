@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .attention import KVCache
-from .generation import commit_top_k, propose, transfer_schedule
-from .head import RefinementState
-from .layout import ANSWER_CLOSE, MARKER, render_prompt
+from llada_trm.model.attention import KVCache
+from llada_trm.inference.sampler import commit_top_k, propose, transfer_schedule
+from llada_trm.model.head import RefinementState
+from llada_trm.data.layout import ANSWER_CLOSE, MARKER, render_prompt
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .flex_attention import flex_attend, is_block_mask
+from llada_trm.model.flex_attention import flex_attend, is_block_mask
 
 
 def block_ids(chunk_index: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """Training objectives as (un-normalised loss sum, normaliser) pairs, so the trainer can normalise globally.
 
-- `HybridObjective`: the deep-supervision loss (DESIGN 4.4) with truncation (tau) and token weights (w).
+- `HybridObjective`: the deep-supervision loss (docs/architecture.md §6) with truncation (tau) and token weights (w).
   Its normaliser N = sum tau c needs the forward pass when truncation is on; `pre_count` (sum c, known from
   the batch alone) lets the trainer scale the loss before backward, and corrects by pre/post afterwards.
-- `LLaDASFTObjective`: plain LLaDA SFT of the backbone alone (DESIGN 4.5), the comparison baseline.
+- `LLaDASFTObjective`: plain LLaDA SFT of the backbone alone (docs/architecture.md §7), the comparison baseline.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .diffusion import forward_mask, llada_sft_loss
-from .losses import chunk_token_weights, deep_supervision_loss
-from .lora_reference import reference_label_prob
-from .truncation import TruncationConfig, TruncationDecision, truncation_decisions
-from .weighting import WeightingConfig, token_weights
+from llada_trm.training.diffusion import forward_mask, llada_sft_loss
+from llada_trm.training.losses import chunk_token_weights, deep_supervision_loss
+from llada_trm.training.lora_reference import reference_label_prob
+from llada_trm.training.truncation import TruncationConfig, TruncationDecision, truncation_decisions
+from llada_trm.training.weighting import WeightingConfig, token_weights
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "chunk_index", "labels", "chunk_is_masked")
 NO_TRUNCATION = TruncationConfig()

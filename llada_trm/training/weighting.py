@@ -1,4 +1,4 @@
-"""Per-token loss weights (DESIGN 7), applied on top of the truncation keep-mask.
+"""Per-token loss weights (docs/architecture.md §11), applied on top of the truncation keep-mask.
 
 What is notable:
 - Weights are statistics of the kept tokens of the whole micro-batch (not per row), are computed under

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .attention import KVCache, attend, attention_allowed, block_ids
-from .configuration_llada import LLaDAConfig
-from .flex_attention import block_causal_block_mask, use_flex
+from llada_trm.model.attention import KVCache, attend, attention_allowed, block_ids
+from llada_trm.model.configuration_llada import LLaDAConfig
+from llada_trm.model.flex_attention import block_causal_block_mask, use_flex
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -196,8 +196,8 @@ class LLaDAPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, but missing, unexpected or mis-shaped weights are an error, and a
-        missing or damaged local directory is one `BrokenFileError` line naming the file (llada_trm.loading)."""
-        from .loading import checked_model_source, library_call  # late: loading imports this module
+        missing or damaged local directory is one `BrokenFileError` line naming the file (llada_trm.model.loading)."""
+        from llada_trm.model.loading import checked_model_source, library_call  # late: loading imports this module
 
         source = checked_model_source(pretrained_model_name_or_path)
         wants_info = kwargs.pop("output_loading_info", False)

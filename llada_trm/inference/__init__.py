@@ -1,0 +1,6 @@
+"""Inference: LLaDA's own sampler, chunk-by-chunk refinement decoding, and fair exact-match scoring.
+
+`sampler` is LLaDA's `generate` (backbone alone); `chunk_decoding` is `generate_with_refinement`, the hybrid's
+decoder (and, with refinement off, the backbone run block-causally); `exact_match` scores decoders side by side
+on the same problems with the same token budget. Hands on: generated tokens, texts and accuracy tables.
+"""
