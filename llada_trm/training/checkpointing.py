@@ -265,6 +265,3 @@ def rotate(root: Path, total_limit: int | None) -> None:
     for old in complete_checkpoints(root)[:-total_limit]:
         discard(old)
 
-
-def read_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
