@@ -16,9 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from llada_trm.cli import EXIT_USAGE
 from llada_trm.data.dataset import DataArguments, prepare_dataset
+from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
 from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, format_fair_table, scored_rows
-from llada_trm.cli.generate import EXIT_USAGE, InferenceSetupError, load_for_inference
 from llada_trm.model.loading import resolve_device
 from llada_trm.model.modeling_llada import CheckpointMismatchError
 

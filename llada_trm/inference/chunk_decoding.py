@@ -30,7 +30,7 @@ from torch import Tensor
 from llada_trm.model.attention import KVCache
 from llada_trm.inference.sampler import commit_top_k, propose, transfer_schedule
 from llada_trm.model.head import RefinementState
-from llada_trm.data.layout import ANSWER_CLOSE, MARKER, render_prompt
+from llada_trm.data.layout import ANSWER_CLOSE, MARKER, encode_prompt, render_prompt
 
 
 @dataclass
@@ -131,8 +131,7 @@ def _encode_text(text: str, tokenizer) -> list[int]:
         text = render_prompt(text)
     elif text.rstrip(" ").endswith(MARKER):
         text = text.rstrip(" ") + "\n"  # training prompts always end with the newline after the marker
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+    return encode_prompt(tokenizer, text)
 
 
 def prompt_token_lists(prompt, tokenizer, pad_id: int) -> list[list[int]]:

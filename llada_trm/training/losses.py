@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llada_trm.data.collator import positions_in_masked_chunks
+
 
 def chunk_token_weights(
     chunk_index: Tensor, chunk_is_masked: Tensor, deep_supervision_weight: float, unmasked_chunk_weight: float,
@@ -26,7 +28,7 @@ def chunk_token_weights(
     """
     in_chunk = chunk_index >= 0
     if position_is_masked is None:
-        position_is_masked = torch.gather(chunk_is_masked.bool(), 1, chunk_index.clamp(min=0))
+        position_is_masked = positions_in_masked_chunks(chunk_index, chunk_is_masked)
     weights = torch.where(position_is_masked & in_chunk, 1.0 + deep_supervision_weight, unmasked_chunk_weight)
     return weights * in_chunk
 
