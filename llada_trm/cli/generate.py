@@ -18,6 +18,7 @@ import torch
 
 from llada_trm.cli import EXIT_USAGE
 from llada_trm.data.layout import extract_answer
+from llada_trm.inference.chunk_decoding import DecodingSettings
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
 from llada_trm.model.loading import resolve_device
 from llada_trm.model.modeling_llada import CheckpointMismatchError
@@ -37,11 +38,10 @@ def format_trace(trace) -> str:
 def answer_one(model, tokenizer, question: str, args) -> str:
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     max_length = min(args.max_length, model.backbone.config.max_sequence_length)
-    out = model.generate_with_refinement(
-        question, tokenizer=tokenizer, max_length=max_length, enable_refinement=not args.no_refinement,
-        temperature=args.temperature, decode_steps_per_chunk=args.decode_steps_per_chunk, generator=generator,
-        return_trace=args.trace,
-    )
+    settings = DecodingSettings(max_length=max_length, enable_refinement=not args.no_refinement,
+                                temperature=args.temperature, decode_steps_per_chunk=args.decode_steps_per_chunk,
+                                return_trace=args.trace)
+    out = model.generate_with_refinement(question, tokenizer=tokenizer, settings=settings, generator=generator)
     text = out.texts[0]
     answer = extract_answer(text)
     parts = [text.rstrip(), f"Answer: {answer if answer is not None else '(none)'}"]
