@@ -295,7 +295,8 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
         use_cache=extend_cache, output_hidden_states=True, return_logits=False,
     )
     hidden = out.last_hidden_state
-    chunk_hidden = hidden[:, -size:]
+    masked_chunk = (slice(None), slice(-size, None))  # the last chunk_size positions of every row
+    chunk_hidden = hidden[masked_chunk]
     backbone_cache = drop_last(out.cache, size) if extend_cache else None
     if not settings.refine:
         logits = model.backbone.lm_head(chunk_hidden)
@@ -326,11 +327,11 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
             x, context = x[:, :block], context_of(block)
             state = RefinementState(state.y[:, :block], state.z[:, :block], state.steps_done)
         calls: list[KVCache] | None = [] if extend_cache else None
-        state = model.head.step(state, x, context, caches=past_head, collect_caches=calls)
+        state, logits = model.refine_step(state, x, context, chunk_hidden, masked_chunk, with_logits=decoding,
+                                          caches=past_head, collect_caches=calls)
         if extend_cache:
             head_caches += [drop_last(cache, size) for cache in calls] if decoding else calls
         if decoding:
-            logits = model.step_logits_at(chunk_hidden, state.y[:, -size:])
             confidence = chunk_confidence(logits)
             confidences.append(confidence)
             # Rows that already stopped keep the logits of their stopping step; the others take this step's.

@@ -61,3 +61,16 @@ def deep_supervision_loss(
     if float(count) <= 0:
         return total * 0.0, count
     return total / count, count
+
+
+def hybrid_loss(output, step_weighting: str, keep: Tensor | None = None, token_weight: Tensor | None = None,
+                normalizer: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """The deep-supervision loss of a `HybridOutput`, the one used by `model(**batch)` and by the trainer.
+
+    keep: tau (B, L), the truncation keep-mask (None: every token); token_weight: w (B, L) (None: 1);
+    normalizer as in `deep_supervision_loss` (None: this batch's sum of tau * c). Returns (loss, sum of tau * c).
+    With all three None this is `output.loss`.
+    """
+    coefficient = output.chunk_weight if keep is None else output.chunk_weight * keep
+    loss, _ = deep_supervision_loss(output.step_token_loss, coefficient, token_weight, normalizer, step_weighting)
+    return loss, coefficient.sum().float()
