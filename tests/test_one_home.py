@@ -86,3 +86,13 @@ def test_inference_loader_lives_in_the_library_and_the_cli_reexports_it():
     assert generate_cli.InferenceSetupError is InferenceSetupError
     with pytest.raises(InferenceSetupError, match="exactly one"):
         load_for_inference()
+
+
+def test_sampler_rows_stop_by_the_chunk_decoders_rule():
+    from llada_trm.inference.chunk_decoding import token_stop
+    from llada_trm.inference.exact_match import _until_stop
+
+    assert _until_stop([5, 6, 1, 7], eos_id=1, answer_close_id=9) == [5, 6]
+    assert _until_stop([5, 9, 1], eos_id=1, answer_close_id=9) == [5, 9]
+    assert _until_stop([5, 6], eos_id=1, answer_close_id=None) == [5, 6]
+    assert token_stop([1, 5, 9], 1, 1, 9) == 3

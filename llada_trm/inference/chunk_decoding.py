@@ -345,6 +345,17 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
 # ------------------------------------------------------------------------------------------ stopping
 
 
+def token_stop(tokens: list[int], start: int, eos_id: int | None, answer_close_id: int | None) -> int | None:
+    """Tokens to keep when tokens[start:] holds a stop token, else None: EOS ends before itself, `</answer>`
+    (one token) after itself."""
+    for i in range(start, len(tokens)):
+        if tokens[i] == eos_id:
+            return i
+        if tokens[i] == answer_close_id:
+            return i + 1
+    return None
+
+
 def stop_length(tokens: list[int], chunk_start: int, settings: Settings) -> int | None:
     """Tokens to keep when the chunk just committed (tokens[chunk_start:]) ends the row, else None.
 
@@ -352,11 +363,9 @@ def stop_length(tokens: list[int], chunk_start: int, settings: Settings) -> int 
     """
     if settings.ignore_eos:
         return None
-    for i in range(chunk_start, len(tokens)):
-        if tokens[i] == settings.eos_id:
-            return i
-        if tokens[i] == settings.answer_close_id:
-            return i + 1
+    stop = token_stop(tokens, chunk_start, settings.eos_id, settings.answer_close_id)
+    if stop is not None:
+        return stop
     tokenizer = settings.tokenizer
     if settings.answer_close_id is None and tokenizer is not None and ANSWER_CLOSE in tokenizer.decode(tokens):
         for i in range(chunk_start, len(tokens)):

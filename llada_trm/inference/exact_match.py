@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from llada_trm.inference.sampler import generate
 from llada_trm.data.layout import ANSWER_CLOSE, extract_answer
-from llada_trm.inference.chunk_decoding import DecodingSettings, generate_with_refinement, left_pad, single_token_id
+from llada_trm.inference.chunk_decoding import (DecodingSettings, generate_with_refinement, left_pad, single_token_id,
+                                               token_stop)
 
 DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
 SAMPLER_MIN_BATCH = 32  # the sampler runs one cheap step per token: larger batches amortise its Python loop
@@ -86,12 +87,9 @@ def _run(name: str, rows: list[dict], batch_size: int, progress: bool,
 
 
 def _until_stop(tokens: list[int], eos_id: int, answer_close_id: int | None) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token == eos_id:
-            return tokens[:i]
-        if token == answer_close_id:
-            return tokens[: i + 1]
-    return tokens
+    """The tokens up to the stop, with the chunk decoder's rule (`token_stop`)."""
+    stop = token_stop(tokens, 0, eos_id, answer_close_id)
+    return tokens if stop is None else tokens[:stop]
 
 
 def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens: int, block_length: int,
