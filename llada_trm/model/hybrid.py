@@ -321,7 +321,8 @@ class LLaDATRMHybrid(PreTrainedModel):
 
     # ------------------------------------------------------------------ generation
     def generate_with_refinement(self, prompt, **kwargs):
-        """Chunk-by-chunk decoding with the refinement head: `refinement_decoding.generate_with_refinement`."""
+        """Chunk-by-chunk decoding with the refinement head: `inference.chunk_decoding.generate_with_refinement`
+        (a `settings=DecodingSettings(...)` and/or its fields as keywords)."""
         from llada_trm.inference.chunk_decoding import generate_with_refinement
 
         return generate_with_refinement(self, prompt, **kwargs)
