@@ -24,7 +24,7 @@ from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.embedded.assets import TINY_LLADA_PATH
 from llada_trm.inference.sampler import generate
 from llada_trm.model.hybrid import LLaDATRMHybrid
-from llada_trm.data.layout import render_prompt
+from llada_trm.data.layout import encode_prompt, render_prompt
 from llada_trm.model.modeling_llada import LLaDAModelLM
 from llada_trm.cli.pretrain import build_config
 from llada_trm.cli.pretrain import parse_args as pretrain_defaults
@@ -45,8 +45,7 @@ def build_model(tokenizer, device: str) -> tuple[LLaDATRMHybrid, str]:
 
 def build_prompts(tokenizer, batch_size: int) -> list[list[int]]:
     questions = [record["question"] for record in generate_split("test", batch_size)]
-    return [[tokenizer.bos_token_id, *tokenizer(render_prompt(q), add_special_tokens=False)["input_ids"]]
-            for q in questions]
+    return [encode_prompt(tokenizer, render_prompt(q)) for q in questions]
 
 
 def llada_inputs(prompts: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,7 @@ from bench_train_step import SavedTensorMeter, describe_machine, naive_step, tim
 from llada_trm.model.configuration_hybrid import HybridConfig  # noqa: E402
 from llada_trm.model.configuration_llada import LLaDAConfig  # noqa: E402
 from llada_trm.embedded.assets import TINY_LLADA_PATH  # noqa: E402
+from llada_trm.data.collator import positions_in_masked_chunks  # noqa: E402
 from llada_trm.training.diffusion import forward_mask, llada_sft_loss  # noqa: E402
 from llada_trm.inference.sampler import generate  # noqa: E402
 from llada_trm.model.hybrid import LLaDATRMHybrid  # noqa: E402
@@ -133,7 +134,7 @@ def training_batch(config: LLaDAConfig, args, device: str) -> dict:
                              torch.arange(args.num_chunks).repeat_interleave(CHUNK)]).expand(batch, -1)
     labels = torch.where(chunk_index >= 0, ids, torch.full_like(ids, -100))
     chunk_is_masked = torch.rand(batch, args.num_chunks, generator=g) < 0.3
-    masked_here = torch.gather(chunk_is_masked, 1, chunk_index.clamp(min=0)) & (chunk_index >= 0)
+    masked_here = positions_in_masked_chunks(chunk_index, chunk_is_masked)
     inputs = torch.where(masked_here, torch.full_like(ids, config.mask_token_id), ids)
     out = dict(input_ids=inputs, attention_mask=torch.ones_like(ids), chunk_index=chunk_index.contiguous(),
                labels=labels, chunk_is_masked=chunk_is_masked)

@@ -4,3 +4,5 @@
 `pretrain` and `synthetic`. Run them as `python -m llada_trm.<name>` (`inspect` for `inspect_chunks`); the
 library they call lives in the stage packages.
 """
+
+EXIT_USAGE = 2  # exit code of every command-line program for a user mistake (bad path or argument)

@@ -16,9 +16,11 @@ import json
 import sys
 from pathlib import Path
 
+from llada_trm.cli import EXIT_USAGE
 from llada_trm.data.dataset import DataArguments, prepare_dataset
+from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
+from llada_trm.inference.chunk_decoding import DecodingSettings
 from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, format_fair_table, scored_rows
-from llada_trm.cli.generate import EXIT_USAGE, InferenceSetupError, load_for_inference
 from llada_trm.model.loading import resolve_device
 from llada_trm.model.modeling_llada import CheckpointMismatchError
 
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.max_new_tokens or default_new_token_budget(rows, chunk_size)
         models = {"backbone_llada_sampler": model.backbone, "backbone_chunked": model, "hybrid_refined": model}
         evaluation = fair_evaluation(tokenizer, rows, budget, chunk_size, models, batch_size=args.batch_size,
-                                     progress=not args.no_progress, decode_steps_per_chunk=args.decode_steps_per_chunk)
+                                     progress=not args.no_progress,
+                                     settings=DecodingSettings(decode_steps_per_chunk=args.decode_steps_per_chunk))
     except (InferenceSetupError, CheckpointMismatchError, ValueError, OSError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, no traceback
         return EXIT_USAGE

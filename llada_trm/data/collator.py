@@ -39,6 +39,16 @@ def pad_batch(features: list[dict], pad_token_id: int, chunk_size: int) -> dict[
     return batch
 
 
+def positions_in_masked_chunks(chunk_index: torch.Tensor, chunk_is_masked: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the reasoning positions whose chunk was drawn for masking.
+
+    chunk_index (B, L) long, -1 outside reasoning; chunk_is_masked (B, K) bool. With whole-chunk masking these
+    are exactly the positions holding the mask token; with partial masking a superset of them.
+    """
+    in_chunk = chunk_index >= 0
+    return torch.gather(chunk_is_masked.bool(), 1, chunk_index.clamp(min=0)) & in_chunk
+
+
 def mask_seed(seed: int, epoch: int, sample_id: int) -> int:
     """A 64-bit generator seed mixing the three numbers (hash-mixed, so neighbouring ids are unrelated draws)."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{sample_id}".encode(), digest_size=8).digest()

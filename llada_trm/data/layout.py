@@ -1,4 +1,4 @@
-"""The text layout of a reasoning sample (question, marker, one step a line, tagged answer)."""
+"""The text layout of a reasoning sample (question, marker, one step a line, tagged answer) and its token ids."""
 
 from __future__ import annotations
 
@@ -31,3 +31,18 @@ def extract_answer(text: str) -> str | None:
     """The text inside the first <answer>...</answer>, stripped; None when there is none."""
     match = _ANSWER_RE.search(text)
     return match.group(1).strip() if match else None
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` alone: no BOS, no EOS (a reasoning text continues its prompt)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """BOS first, when the tokenizer has one: every prompt starts a sequence."""
+    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else list(ids)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt text (see `render_prompt`), BOS first: as training data and decoding see it."""
+    return with_bos(tokenizer, text_ids(tokenizer, text))

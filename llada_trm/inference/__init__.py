@@ -1,6 +1,7 @@
 """Inference: LLaDA's own sampler, chunk-by-chunk refinement decoding, and fair exact-match scoring.
 
 `sampler` is LLaDA's `generate` (backbone alone); `chunk_decoding` is `generate_with_refinement`, the hybrid's
-decoder (and, with refinement off, the backbone run block-causally); `exact_match` scores decoders side by side
-on the same problems with the same token budget. Hands on: generated tokens, texts and accuracy tables.
+decoder (and, with refinement off, the backbone run block-causally), configured by `DecodingSettings`;
+`exact_match` scores decoders side by side on the same problems with the same token budget; `checkpoints` loads
+a model for inference (`load_for_inference`). Hands on: generated tokens, texts and accuracy tables.
 """

@@ -22,7 +22,7 @@ Notable:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ from torch import Tensor
 from llada_trm.model.attention import KVCache
 from llada_trm.inference.sampler import commit_top_k, propose, transfer_schedule
 from llada_trm.model.head import RefinementState
-from llada_trm.data.layout import ANSWER_CLOSE, MARKER, render_prompt
+from llada_trm.data.layout import ANSWER_CLOSE, MARKER, encode_prompt, render_prompt
 
 
 @dataclass
@@ -62,7 +62,68 @@ class Caches:
 
 
 @dataclass
+class DecodingSettings:
+    """How `generate_with_refinement` decodes. None: the model config's value (refinement settings).
+
+    max_length: total tokens per row, prompt included (`max_new_tokens`, when set, counts new tokens only).
+    enable_refinement: False decodes with the backbone's logits alone (same chunk-by-chunk schedule).
+    use_cache: False recomputes the whole sequence for every chunk (the reference the cached path equals).
+    temperature: 0 commits the argmax, otherwise tokens are sampled.
+    decode_steps_per_chunk: rounds per chunk; each commits the most confident still-masked tokens.
+    refine_confidence_threshold / min_recursive_steps / max_recursive_steps: adaptive refinement, per row and chunk.
+    return_trace: also return, per row, the steps and confidences of every chunk and round.
+    ignore_eos: keep decoding to the length limit after EOS or `</answer>` (benchmarks).
+    """
+
+    max_length: int = 512
+    max_new_tokens: int | None = None
+    enable_refinement: bool = True
+    use_cache: bool = True
+    temperature: float = 0.0
+    decode_steps_per_chunk: int = 1
+    refine_confidence_threshold: float | None = None
+    min_recursive_steps: int | None = None
+    max_recursive_steps: int | None = None
+    return_trace: bool = False
+    ignore_eos: bool = False
+
+    def with_overrides(self, **overrides) -> "DecodingSettings":
+        """A copy with some fields changed; an unknown name is a TypeError naming it."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unknown decoding setting(s) {unknown}; DecodingSettings has "
+                            f"{[f.name for f in fields(self)]}")
+        return replace(self, **overrides)
+
+    def resolved(self, config) -> "DecodingSettings":
+        """The settings with the model config's defaults filled in, checked against it (`config`: a HybridConfig).
+        Every decoding setting is validated here."""
+        chunk_size = config.chunk_size
+        min_steps = config.min_recursive_steps if self.min_recursive_steps is None else self.min_recursive_steps
+        max_steps = config.max_recursive_steps if self.max_recursive_steps is None else self.max_recursive_steps
+        threshold = self.refine_confidence_threshold
+        threshold = config.refine_confidence_threshold if threshold is None else threshold
+        rounds, temperature, max_new_tokens = self.decode_steps_per_chunk, self.temperature, self.max_new_tokens
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= chunk_size:
+            raise ValueError(f"decode_steps_per_chunk must be an integer from 1 to chunk_size ({chunk_size}), "
+                             f"got {rounds!r}")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not (isinstance(min_steps, int) and isinstance(max_steps, int) and 1 <= min_steps <= max_steps):
+            raise ValueError(f"need 1 <= min_recursive_steps <= max_recursive_steps, got {min_steps} and {max_steps}")
+        if not threshold >= 0:
+            raise ValueError(f"refine_confidence_threshold must be >= 0, got {threshold}")
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        return replace(self, min_recursive_steps=min_steps, max_recursive_steps=max_steps,
+                       refine_confidence_threshold=float(threshold), temperature=float(temperature))
+
+
+@dataclass
 class Settings:
+    """What one decoding run needs, resolved from `DecodingSettings`, the model and the tokenizer."""
+
     chunk_size: int
     mask_id: int
     eos_id: int | None
@@ -82,24 +143,10 @@ class Settings:
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def _resolve_settings(model, tokenizer, enable_refinement, use_cache, temperature, decode_steps_per_chunk,
-                      refine_confidence_threshold, min_recursive_steps, max_recursive_steps, ignore_eos) -> Settings:
-    config, backbone_config = model.config, model.backbone.config
-    chunk_size = config.chunk_size
-    min_steps = config.min_recursive_steps if min_recursive_steps is None else min_recursive_steps
-    max_steps = config.max_recursive_steps if max_recursive_steps is None else max_recursive_steps
-    threshold = refine_confidence_threshold
-    threshold = config.refine_confidence_threshold if threshold is None else threshold
-    if isinstance(decode_steps_per_chunk, bool) or not isinstance(decode_steps_per_chunk, int) \
-            or not 1 <= decode_steps_per_chunk <= chunk_size:
-        raise ValueError(f"decode_steps_per_chunk must be an integer from 1 to chunk_size ({chunk_size}), "
-                         f"got {decode_steps_per_chunk!r}")
-    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not (isinstance(min_steps, int) and isinstance(max_steps, int) and 1 <= min_steps <= max_steps):
-        raise ValueError(f"need 1 <= min_recursive_steps <= max_recursive_steps, got {min_steps} and {max_steps}")
-    if not threshold >= 0:
-        raise ValueError(f"refine_confidence_threshold must be >= 0, got {threshold}")
+def _resolve_settings(model, tokenizer, decoding: DecodingSettings) -> Settings:
+    """`decoding` (resolved against model.config) plus the token ids of the model and tokenizer."""
+    backbone_config = model.backbone.config
+    decoding = decoding.resolved(model.config)
     eos_id = backbone_config.eos_token_id
     if eos_id is None and tokenizer is not None:
         eos_id = tokenizer.eos_token_id
@@ -108,10 +155,11 @@ def _resolve_settings(model, tokenizer, enable_refinement, use_cache, temperatur
         pad_id = tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     return Settings(
-        chunk_size=chunk_size, mask_id=backbone_config.mask_token_id, eos_id=eos_id, pad_id=pad_id,
-        refine=enable_refinement, use_cache=use_cache, min_steps=min_steps, max_steps=max_steps,
-        threshold=float(threshold), temperature=float(temperature), rounds=decode_steps_per_chunk,
-        answer_close_id=single_token_id(tokenizer, ANSWER_CLOSE), tokenizer=tokenizer, ignore_eos=ignore_eos,
+        chunk_size=model.config.chunk_size, mask_id=backbone_config.mask_token_id, eos_id=eos_id, pad_id=pad_id,
+        refine=decoding.enable_refinement, use_cache=decoding.use_cache, min_steps=decoding.min_recursive_steps,
+        max_steps=decoding.max_recursive_steps, threshold=decoding.refine_confidence_threshold,
+        temperature=decoding.temperature, rounds=decoding.decode_steps_per_chunk,
+        answer_close_id=single_token_id(tokenizer, ANSWER_CLOSE), tokenizer=tokenizer, ignore_eos=decoding.ignore_eos,
     )
 
 
@@ -131,8 +179,7 @@ def _encode_text(text: str, tokenizer) -> list[int]:
         text = render_prompt(text)
     elif text.rstrip(" ").endswith(MARKER):
         text = text.rstrip(" ") + "\n"  # training prompts always end with the newline after the marker
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+    return encode_prompt(tokenizer, text)
 
 
 def prompt_token_lists(prompt, tokenizer, pad_id: int) -> list[list[int]]:
@@ -248,7 +295,8 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
         use_cache=extend_cache, output_hidden_states=True, return_logits=False,
     )
     hidden = out.last_hidden_state
-    chunk_hidden = hidden[:, -size:]
+    masked_chunk = (slice(None), slice(-size, None))  # the last chunk_size positions of every row
+    chunk_hidden = hidden[masked_chunk]
     backbone_cache = drop_last(out.cache, size) if extend_cache else None
     if not settings.refine:
         logits = model.backbone.lm_head(chunk_hidden)
@@ -279,11 +327,11 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
             x, context = x[:, :block], context_of(block)
             state = RefinementState(state.y[:, :block], state.z[:, :block], state.steps_done)
         calls: list[KVCache] | None = [] if extend_cache else None
-        state = model.head.step(state, x, context, caches=past_head, collect_caches=calls)
+        state, logits = model.refine_step(state, x, context, chunk_hidden, masked_chunk, with_logits=decoding,
+                                          caches=past_head, collect_caches=calls)
         if extend_cache:
             head_caches += [drop_last(cache, size) for cache in calls] if decoding else calls
         if decoding:
-            logits = model.step_logits_at(chunk_hidden, state.y[:, -size:])
             confidence = chunk_confidence(logits)
             confidences.append(confidence)
             # Rows that already stopped keep the logits of their stopping step; the others take this step's.
@@ -297,6 +345,17 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
 # ------------------------------------------------------------------------------------------ stopping
 
 
+def token_stop(tokens: list[int], start: int, eos_id: int | None, answer_close_id: int | None) -> int | None:
+    """Tokens to keep when tokens[start:] holds a stop token, else None: EOS ends before itself, `</answer>`
+    (one token) after itself."""
+    for i in range(start, len(tokens)):
+        if tokens[i] == eos_id:
+            return i
+        if tokens[i] == answer_close_id:
+            return i + 1
+    return None
+
+
 def stop_length(tokens: list[int], chunk_start: int, settings: Settings) -> int | None:
     """Tokens to keep when the chunk just committed (tokens[chunk_start:]) ends the row, else None.
 
@@ -304,11 +363,9 @@ def stop_length(tokens: list[int], chunk_start: int, settings: Settings) -> int 
     """
     if settings.ignore_eos:
         return None
-    for i in range(chunk_start, len(tokens)):
-        if tokens[i] == settings.eos_id:
-            return i
-        if tokens[i] == settings.answer_close_id:
-            return i + 1
+    stop = token_stop(tokens, chunk_start, settings.eos_id, settings.answer_close_id)
+    if stop is not None:
+        return stop
     tokenizer = settings.tokenizer
     if settings.answer_close_id is None and tokenizer is not None and ANSWER_CLOSE in tokenizer.decode(tokens):
         for i in range(chunk_start, len(tokens)):
@@ -437,45 +494,28 @@ def generate_with_refinement(
     model,
     prompt,
     tokenizer=None,
-    max_length: int = 512,
-    enable_refinement: bool = True,
-    use_cache: bool = True,
-    temperature: float = 0.0,
-    decode_steps_per_chunk: int = 1,
-    refine_confidence_threshold: float | None = None,
-    min_recursive_steps: int | None = None,
-    max_recursive_steps: int | None = None,
+    settings: DecodingSettings | None = None,
     generator: torch.Generator | None = None,
-    return_trace: bool = False,
-    max_new_tokens: int | None = None,
-    ignore_eos: bool = False,
+    **overrides,
 ) -> RefinementOutput:
     """Decode reasoning chunk by chunk with an `LLaDATRMHybrid`.
 
     prompt: a question or prompt text (str, or a list of them; needs `tokenizer`), or token ids (a list, a list
     of lists, or a LongTensor (L,) / (B, L)). A text without the marker is rendered as a question.
-    max_length: total tokens per row, prompt included (`max_new_tokens` instead counts new tokens only).
-    enable_refinement: False decodes with the backbone's logits alone (same chunk-by-chunk schedule).
-    use_cache: False recomputes the whole sequence for every chunk (the reference the cached path equals).
-    temperature: 0 commits the argmax, otherwise tokens are sampled with `generator`.
-    decode_steps_per_chunk: rounds per chunk; each commits the most confident still-masked tokens.
-    refine_confidence_threshold / min_recursive_steps / max_recursive_steps: adaptive refinement, per row and
-    chunk; defaults from model.config.
-    ignore_eos: keep decoding to the length limit after EOS or `</answer>` (benchmarks).
+    settings: a `DecodingSettings` (default: its defaults); `overrides` are its field names as keywords, e.g.
+    `max_length=100, temperature=0.7`, and replace those fields.
+    generator: draws the samples when temperature > 0.
     """
-    settings = _resolve_settings(model, tokenizer, enable_refinement, use_cache, temperature, decode_steps_per_chunk,
-                                 refine_confidence_threshold, min_recursive_steps, max_recursive_steps, ignore_eos)
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    rows = prompt_token_lists(prompt, tokenizer, settings.pad_id)
-    budgets = new_token_budgets(rows, max_length, max_new_tokens, settings.chunk_size,
+    decoding = (settings if settings is not None else DecodingSettings()).with_overrides(**overrides)
+    run_settings = _resolve_settings(model, tokenizer, decoding)
+    rows = prompt_token_lists(prompt, tokenizer, run_settings.pad_id)
+    budgets = new_token_budgets(rows, decoding.max_length, decoding.max_new_tokens, run_settings.chunk_size,
                                 model.backbone.config.max_sequence_length)
-    prompt_ids, prompt_mask = left_pad(rows, settings.chunk_size, settings.pad_id, model.device)
+    prompt_ids, prompt_mask = left_pad(rows, run_settings.chunk_size, run_settings.pad_id, model.device)
     was_training = model.training
     model.eval()
     try:
-        decoder = ChunkDecoder(model, prompt_ids, prompt_mask, budgets, settings, generator, return_trace)
+        decoder = ChunkDecoder(model, prompt_ids, prompt_mask, budgets, run_settings, generator, decoding.return_trace)
         return decoder.output(decoder.run())
     finally:
         model.train(was_training)

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from llada_trm.inference.sampler import generate
 from llada_trm.data.layout import ANSWER_CLOSE, extract_answer
-from llada_trm.inference.chunk_decoding import generate_with_refinement, left_pad, single_token_id
+from llada_trm.inference.chunk_decoding import (DecodingSettings, generate_with_refinement, left_pad, single_token_id,
+                                               token_stop)
 
 DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
 SAMPLER_MIN_BATCH = 32  # the sampler runs one cheap step per token: larger batches amortise its Python loop
@@ -86,12 +87,9 @@ def _run(name: str, rows: list[dict], batch_size: int, progress: bool,
 
 
 def _until_stop(tokens: list[int], eos_id: int, answer_close_id: int | None) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token == eos_id:
-            return tokens[:i]
-        if token == answer_close_id:
-            return tokens[: i + 1]
-    return tokens
+    """The tokens up to the stop, with the chunk decoder's rule (`token_stop`)."""
+    stop = token_stop(tokens, 0, eos_id, answer_close_id)
+    return tokens if stop is None else tokens[:stop]
 
 
 def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens: int, block_length: int,
@@ -116,13 +114,16 @@ def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens
 
 
 def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, enable_refinement: bool = True,
-                           batch_size: int = 8, progress: bool = True, **decode_options) -> dict:
-    """Exact match of an `LLaDATRMHybrid` with `generate_with_refinement` (temperature 0); `decode_options` go to it
-    (decode_steps_per_chunk, refine_confidence_threshold, ...)."""
+                           batch_size: int = 8, progress: bool = True, settings: DecodingSettings | None = None,
+                           **decode_options) -> dict:
+    """Exact match of an `LLaDATRMHybrid` with `generate_with_refinement`: `settings` (default temperature 0),
+    with `decode_options` (DecodingSettings fields: decode_steps_per_chunk, ...) on top; the budget and
+    `enable_refinement` are this function's."""
+    decoding = (settings if settings is not None else DecodingSettings()).with_overrides(
+        **decode_options, max_new_tokens=max_new_tokens, enable_refinement=enable_refinement, return_trace=True)
 
     def decode(prompts):
-        out = generate_with_refinement(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                                       enable_refinement=enable_refinement, return_trace=True, **decode_options)
+        out = generate_with_refinement(model, prompts, tokenizer=tokenizer, settings=decoding)
         chunks = [len(trace) for trace in out.trace]
         steps = [sum(entry.steps for entry in trace) for trace in out.trace]
         return out.texts, [len(tokens) for tokens in out.new_tokens], chunks, steps
@@ -131,16 +132,19 @@ def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: i
 
 
 def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size: int, models: dict,
-                    batch_size: int = 8, progress: bool = True, **decode_options) -> dict:
+                    batch_size: int = 8, progress: bool = True, settings: DecodingSettings | None = None,
+                    **decode_options) -> dict:
     """Score the same `rows` with every decoder named in `models`, in DECODERS order.
 
     models: decoder name -> model: an `LLaDAModelLM` for `backbone_llada_sampler`, an `LLaDATRMHybrid` for
-    `backbone_chunked` (its head is not used) and `hybrid_refined`. `decode_options` go to the chunk decoder.
+    `backbone_chunked` (its head is not used) and `hybrid_refined`. `settings`, with
+    `decode_options` (its field names) on top, go to the chunk decoder.
     Returns {"num_samples", "max_new_tokens", "accuracy": {decoder: exact match}, "decoders": {decoder: metrics}}.
     """
     unknown = sorted(set(models) - set(DECODERS))
     if unknown:
         raise ValueError(f"unknown decoder(s) {unknown}; choose from {DECODERS}")
+    decoding = (settings if settings is not None else DecodingSettings()).with_overrides(**decode_options)
     results = {}
     for name in (d for d in DECODERS if d in models):
         if name == "backbone_llada_sampler":
@@ -149,7 +153,7 @@ def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size
         else:
             results[name] = chunk_decoder_accuracy(models[name], tokenizer, rows, max_new_tokens,
                                                    enable_refinement=name == "hybrid_refined",
-                                                   batch_size=batch_size, progress=progress, **decode_options)
+                                                   batch_size=batch_size, progress=progress, settings=decoding)
     return {
         "num_samples": len(rows),
         "max_new_tokens": max_new_tokens,

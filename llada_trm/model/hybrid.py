@@ -25,7 +25,7 @@ from llada_trm.model.head import RecursiveRefinementHead, RefinementState
 from llada_trm.model.integrity import check_safetensors, write_manifest
 from llada_trm.model.lm_head_loss import lm_head_scores
 from llada_trm.model.loading import load_backbone, load_hybrid_config
-from llada_trm.training.losses import chunk_token_weights, deep_supervision_loss
+from llada_trm.training.losses import chunk_token_weights, hybrid_loss
 from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
 
 HEAD_WEIGHTS = "model.safetensors"
@@ -119,6 +119,19 @@ class LLaDATRMHybrid(PreTrainedModel):
         lm_head_dtype = self.backbone.get_output_embeddings().weight.dtype
         return self.backbone.lm_head((hidden + self.head.out_proj(y)).to(lm_head_dtype))
 
+    def refine_step(self, state: RefinementState, x: Tensor, context, hidden_at: Tensor, positions,
+                    with_logits: bool = True, caches=None, collect_caches=None) -> tuple[RefinementState, Tensor | None]:
+        """One refinement step, shared by training and decoding: the next state and, `with_logits`, the step's
+        logits at `positions` (the backbone's LM head on h + out_proj(y) there).
+
+        positions: an index into (B, L), e.g. a bool mask (B, L) (training: the supervised tokens) or
+        (slice(None), slice(-C, None)) (decoding: the masked chunk); hidden_at = hidden[positions], taken once per
+        pass. caches / collect_caches: the head's KV caches, see `RecursiveRefinementHead.step`.
+        """
+        state = self.head.step(state, x, context, caches=caches, collect_caches=collect_caches)
+        logits = self.step_logits_at(hidden_at, state.y[positions]) if with_logits else None
+        return state, logits
+
     def step_scores_at(self, hidden: Tensor, y: Tensor, targets: Tensor | None) -> tuple:
         """`_score(step_logits_at(hidden, y), targets)` through the fused, chunked LM-head loss: no (N, V) tensor."""
         weight = self.backbone.get_output_embeddings().weight
@@ -171,11 +184,11 @@ class LLaDATRMHybrid(PreTrainedModel):
         hidden_sup = hidden[supervised]
 
         def one_step(y: Tensor, z: Tensor, steps_done: int):
-            state = self.head.step(RefinementState(y, z, steps_done), x, context)
-            if not return_logits:
+            state, logits = self.refine_step(RefinementState(y, z, steps_done), x, context, hidden_sup, supervised,
+                                             with_logits=return_logits)
+            if logits is None:
                 return state.y, state.z
-            logits = self.step_logits_at(hidden_sup, state.y[supervised])
-            return (state.y, state.z, *_score(logits, targets), logits if return_logits else None)
+            return (state.y, state.z, *_score(logits, targets), logits)
 
         state = self.head.initial_state(x)
         per_step = []
@@ -229,7 +242,7 @@ class LLaDATRMHybrid(PreTrainedModel):
             backbone_logits=spread(backbone_logits) if backbone_logits is not None else None,
         )
         if labels is not None:
-            output.loss, _ = deep_supervision_loss(step_token_loss, chunk_weight, step_weighting=config.step_weighting)
+            output.loss, _ = hybrid_loss(output, config.step_weighting)
             output.metrics = micro_batch_metrics(output, labels, position_is_masked)
         return output
 
@@ -308,7 +321,8 @@ class LLaDATRMHybrid(PreTrainedModel):
 
     # ------------------------------------------------------------------ generation
     def generate_with_refinement(self, prompt, **kwargs):
-        """Chunk-by-chunk decoding with the refinement head: `refinement_decoding.generate_with_refinement`."""
+        """Chunk-by-chunk decoding with the refinement head: `inference.chunk_decoding.generate_with_refinement`
+        (a `settings=DecodingSettings(...)` and/or its fields as keywords)."""
         from llada_trm.inference.chunk_decoding import generate_with_refinement
 
         return generate_with_refinement(self, prompt, **kwargs)

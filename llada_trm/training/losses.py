@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from llada_trm.data.collator import positions_in_masked_chunks
+
 
 def chunk_token_weights(
     chunk_index: Tensor, chunk_is_masked: Tensor, deep_supervision_weight: float, unmasked_chunk_weight: float,
@@ -26,7 +28,7 @@ def chunk_token_weights(
     """
     in_chunk = chunk_index >= 0
     if position_is_masked is None:
-        position_is_masked = torch.gather(chunk_is_masked.bool(), 1, chunk_index.clamp(min=0))
+        position_is_masked = positions_in_masked_chunks(chunk_index, chunk_is_masked)
     weights = torch.where(position_is_masked & in_chunk, 1.0 + deep_supervision_weight, unmasked_chunk_weight)
     return weights * in_chunk
 
@@ -59,3 +61,16 @@ def deep_supervision_loss(
     if float(count) <= 0:
         return total * 0.0, count
     return total / count, count
+
+
+def hybrid_loss(output, step_weighting: str, keep: Tensor | None = None, token_weight: Tensor | None = None,
+                normalizer: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """The deep-supervision loss of a `HybridOutput`, the one used by `model(**batch)` and by the trainer.
+
+    keep: tau (B, L), the truncation keep-mask (None: every token); token_weight: w (B, L) (None: 1);
+    normalizer as in `deep_supervision_loss` (None: this batch's sum of tau * c). Returns (loss, sum of tau * c).
+    With all three None this is `output.loss`.
+    """
+    coefficient = output.chunk_weight if keep is None else output.chunk_weight * keep
+    loss, _ = deep_supervision_loss(output.step_token_loss, coefficient, token_weight, normalizer, step_weighting)
+    return loss, coefficient.sum().float()

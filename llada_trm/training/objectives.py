@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from llada_trm.training.diffusion import forward_mask, llada_sft_loss
-from llada_trm.training.losses import chunk_token_weights, deep_supervision_loss
+from llada_trm.training.losses import chunk_token_weights, hybrid_loss
 from llada_trm.training.lora_reference import reference_label_prob
 from llada_trm.training.truncation import TruncationConfig, TruncationDecision, truncation_decisions
 from llada_trm.training.weighting import WeightingConfig, token_weights
@@ -61,11 +61,9 @@ class HybridObjective:
                 self.weighting, final_loss, decision.keep, output.final_label_prob,
                 reference_label_prob(model, batch, output, self.weighting.loss_weighting),
             )
-        coefficient = output.chunk_weight * decision.keep
-        loss_sum, _ = deep_supervision_loss(
-            output.step_token_loss, coefficient, weights, normalizer=1.0, step_weighting=self.config.step_weighting
-        )
-        return MicroBatchResult(loss_sum, coefficient.sum().float(), output.metrics, output, decision)
+        loss_sum, count = hybrid_loss(output, self.config.step_weighting, keep=decision.keep, token_weight=weights,
+                                      normalizer=1.0)
+        return MicroBatchResult(loss_sum, count, output.metrics, output, decision)
 
 
 class LLaDASFTObjective:
