@@ -10,7 +10,7 @@ from llada_trm.inference.exact_match import chunk_decoder_accuracy, fair_evaluat
 from llada_trm.model.hybrid import HybridOutput, LLaDATRMHybrid
 from llada_trm.model.integrity import BrokenFileError
 from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM
-from llada_trm.inference.chunk_decoding import RefinementOutput, generate_with_refinement
+from llada_trm.inference.chunk_decoding import DecodingSettings, RefinementOutput, generate_with_refinement
 from llada_trm.training.truncation import TruncationConfig, truncation_keep_mask
 from llada_trm.training.weighting import WeightingConfig, token_weights
 
@@ -25,6 +25,7 @@ __all__ = [
     "CheckpointMismatchError",
     "DataArguments",
     "DataError",
+    "DecodingSettings",
     "HybridConfig",
     "HybridOutput",
     "LLaDAConfig",
