@@ -8,12 +8,13 @@ be sliced (`train[:95%]`, `train[-200:]`) for every source.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
+
+from llada_trm.env_flags import env_flag
 
 if TYPE_CHECKING:
     from llada_trm.data.dataset import DataArguments
@@ -79,8 +80,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _is_offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
-    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags) or bool(datasets.config.HF_HUB_OFFLINE)
+    return env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE") or bool(datasets.config.HF_HUB_OFFLINE)
 
 
 def _is_connection_failure(error: BaseException | None) -> bool:
