@@ -81,7 +81,7 @@ class HybridConfig(PreTrainedConfig):
                 f"`max_recursive_steps` ({self.max_recursive_steps})"
             )
         if self.step_weighting not in STEP_WEIGHTINGS:
-            raise HybridConfigError(f"`step_weighting` must be one of {STEP_WEIGHTINGS}, got {self.step_weighting!r}")
+            raise HybridConfigError(f"`step_weighting` must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}")
         for name in ("deep_supervision_weight", "unmasked_chunk_weight", "refine_confidence_threshold"):
             if getattr(self, name) < 0:
                 raise HybridConfigError(f"`{name}` must be non-negative, got {getattr(self, name)}")
