@@ -13,7 +13,8 @@ import torch
 from transformers import HfArgumentParser
 
 from llada_trm.data.collator import ChunkMaskingCollator
-from llada_trm.data.dataset import DataArguments, prepare_dataset
+from llada_trm.data.arguments import DataArguments
+from llada_trm.data.dataset import prepare_dataset
 from llada_trm.training.debug_view import format_chunk_inspection
 from llada_trm.cli.generate import InferenceSetupError, load_for_inference
 from llada_trm.model.integrity import one_line

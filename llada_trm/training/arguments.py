@@ -17,7 +17,7 @@ import yaml
 from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser, PreTrainedConfig
 
-from llada_trm.data.dataset import DataArguments
+from llada_trm.data.arguments import DataArguments
 from llada_trm.model.configuration_hybrid import HybridConfig, HybridConfigError
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig
