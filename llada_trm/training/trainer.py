@@ -11,6 +11,8 @@ What is notable:
   trainer state records the position inside the epoch.
 - A window with nothing supervised is an empty step; a non-finite loss or gradient skips the optimiser
   step; `--max_bad_steps` of those in a row stop the run.
+
+Held-out scoring is in training/held_out.py, metrics and the run record in training/run_log.py.
 """
 
 from __future__ import annotations
@@ -83,47 +85,37 @@ def micro_batch_generator(seed: int, step: int, micro: int, rank: int, device) -
     return torch.Generator(device=device).manual_seed(mask_seed(seed, step, micro * 65536 + rank) % (2**63))
 
 
+def make_accelerator(args: RunArguments) -> Accelerator:
+    t = args.train
+    precision = ("bf16" if torch.cuda.is_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision
+    # Several processes and no CUDA (torchrun / accelerate launch on CPU): gloo on CPU.
+    multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=multi_process_cpu,
+        mixed_precision=precision,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_dir=t.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.truncation.enable and accelerator.distributed_type.name == "DEEPSPEED":
+        raise UsageError("token truncation rescales gradients after the forward pass, which DeepSpeed does not "
+                         "expose; use DDP or FSDP (configs/accelerate/) with truncation")
+    return accelerator
+
+
 class Trainer:
     def __init__(self, args: RunArguments):
         self.args = args
         m, t = args.model, args.train
-        precision = ("bf16" if torch.cuda.is_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision
-        # Several processes and no CUDA (torchrun / accelerate launch on CPU): gloo on CPU.
-        multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(
-            cpu=multi_process_cpu,
-            mixed_precision=precision,
-            log_with=None if t.report_to == "none" else t.report_to,
-            project_dir=t.output_dir,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        )
-        acc = self.accelerator
-        if args.truncation.enable and acc.distributed_type.name == "DEEPSPEED":
-            raise UsageError("token truncation rescales gradients after the forward pass, which DeepSpeed does not "
-                             "expose; use DDP or FSDP (configs/accelerate/) with truncation")
+        self.accelerator = acc = make_accelerator(args)
         set_seed(t.seed)
         self.say = print if acc.is_main_process else (lambda *a, **k: None)
+        # Before anything is loaded: a run directory that cannot be used fails fast.
         precheck_run_directory(t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir, acc.is_main_process)
         self.tokenizer = load_tokenizer(m.model_name_or_path)
-        with acc.main_process_first():
-            self.train_data = prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.train_split)
-            self.eval_data = (prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.eval_split)
-                              if args.data.eval_split else None)
-        self.say(self.train_data.summary.format())
-        if self.eval_data is not None:
-            self.say(self.eval_data.summary.format())
-
+        self.train_data, self.eval_data = self._prepare_data()
         self.model = build_model(args)
-        mask_id, pad_id = self.tokenizer.mask_token_id, self.tokenizer.pad_token_id
-        if m.objective == "hybrid":
-            self.objective = HybridObjective(self.model.config, args.truncation, args.weighting, mask_id)
-            self.collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed,
-                                                 partial_chunk_masking=m.partial_chunk_masking)
-            eval_collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed + 1,
-                                                 partial_chunk_masking=m.partial_chunk_masking)
-        else:
-            self.objective = LLaDASFTObjective(mask_id)
-            self.collator = eval_collator = _PadOnly(pad_id, m.chunk_size)
+        self.objective, self.collator, eval_collator = self._objective_and_collators()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise UsageError("nothing to train: every parameter is frozen")
@@ -146,6 +138,31 @@ class Trainer:
         self.frozen_backbone_rows: dict = {}  # the backbone-only rows, reused while the backbone is frozen
         self.train_seconds = 0.0  # wall time inside optimiser steps (no evaluation, no checkpoints), this process
         self.grad_tracer = build_grad_tracer(self) if t.token_grad_trace_every else None
+
+    def _prepare_data(self):
+        data, chunk_size = self.args.data, self.args.model.chunk_size
+        with self.accelerator.main_process_first():  # the main process fills the datasets cache first
+            train_data = prepare_dataset(data, self.tokenizer, chunk_size, data.train_split)
+            eval_data = prepare_dataset(data, self.tokenizer, chunk_size, data.eval_split) if data.eval_split else None
+        self.say(train_data.summary.format())
+        if eval_data is not None:
+            self.say(eval_data.summary.format())
+        return train_data, eval_data
+
+    def _objective_and_collators(self):
+        """The objective, and the collators of the training and the held-out batches."""
+        m, seed = self.args.model, self.args.train.seed
+        mask_id, pad_id = self.tokenizer.mask_token_id, self.tokenizer.pad_token_id
+        if m.objective == "llada_sft":
+            pad_only = _PadOnly(pad_id, m.chunk_size)
+            return LLaDASFTObjective(mask_id), pad_only, pad_only
+
+        def masking_collator(seed: int) -> ChunkMaskingCollator:
+            return ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=seed,
+                                        partial_chunk_masking=m.partial_chunk_masking)
+
+        objective = HybridObjective(self.model.config, self.args.truncation, self.args.weighting, mask_id)
+        return objective, masking_collator(seed), masking_collator(seed + 1)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         dataset = dataset.select_columns([c for c in BATCH_COLUMNS if c in dataset.column_names])
@@ -324,8 +341,7 @@ class Trainer:
                 self.metrics.write(summarise(window_log, self.state, self.scheduler.get_last_lr()[0], elapsed))
                 window_log, started = [], time.time()
             if t.eval_steps and step % t.eval_steps == 0 and self.eval_loader is not None:
-                last_eval = {**self.evaluate(), **self.answer_accuracy()}
-                self.metrics.write({"step": step, "train_seconds": self.train_seconds, **last_eval})
+                last_eval = self._evaluate_and_record()
                 self.say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
             if t.save_steps and step % t.save_steps == 0:
                 checkpoint = self.save()
@@ -333,12 +349,16 @@ class Trainer:
         if checkpoint is None or not checkpoint.name.endswith(f"-{self.state.global_step}"):
             checkpoint = self.save()
         if self.eval_loader is not None and not (t.eval_steps and self.state.global_step % t.eval_steps == 0):
-            last_eval = {**self.evaluate(), **self.answer_accuracy()}
-            self.metrics.write({"step": self.state.global_step, "train_seconds": self.train_seconds, **last_eval})
+            last_eval = self._evaluate_and_record()
         final_model = self._export_final(checkpoint)
         self.write_eval_results()
         acc.end_training()
         return {"checkpoint": str(checkpoint), "model": str(final_model), "state": asdict(self.state), **last_eval}
+
+    def _evaluate_and_record(self) -> dict:
+        scores = {**self.evaluate(), **self.answer_accuracy()}
+        self.metrics.write({"step": self.state.global_step, "train_seconds": self.train_seconds, **scores})
+        return scores
 
     def _write_run_config(self) -> None:
         if self.accelerator.is_main_process:
