@@ -77,7 +77,10 @@ def _flags_of(cls) -> list[tuple]:
 ModelArguments = dataclasses.make_dataclass(
     "ModelArguments",
     _flags_of(_BackboneArguments) + _flags_of(MaskingArguments) + [_flag(n, f.type, f) for n, f in HYBRID_FLAGS.items()],
-    namespace={"masking": property(lambda self: MaskingArguments(self.mask_probability, self.partial_chunk_masking))},
+    namespace={
+        "__module__": __name__,  # so that the arguments pickle like any class of this module
+        "masking": property(lambda self: MaskingArguments(self.mask_probability, self.partial_chunk_masking)),
+    },
 )
 
 
@@ -141,10 +144,8 @@ class TrainArguments:
 TruncationArguments = dataclasses.make_dataclass(
     "TruncationArguments",
     [("truncation_preset", str | None, field(default=None, metadata=_help("strategy ladder rung: baseline, A1, A1b, A2, A3, A4, A5")))]
-    + [
-        (f"truncation_{f.name}", hint | None, field(default=None))
-        for f, hint in ((f, typing.get_type_hints(TruncationConfig)[f.name]) for f in dataclasses.fields(TruncationConfig))
-    ],
+    + [(f"truncation_{name}", kind | None, field(default=None)) for name, kind, _ in _flags_of(TruncationConfig)],
+    namespace={"__module__": __name__},
 )
 
 
