@@ -3,6 +3,9 @@
 `--config configs/NAME.yaml` supplies defaults (a YAML mapping of flag names to values); flags given on the
 command line override it. An unknown YAML key or an invalid value is a usage error: one line naming the flag
 (or the file and key), exit code 2, no traceback.
+
+The hybrid's flags are HybridConfig's own fields (name, type, default, help), and its `validate_architecture`
+is their only range check; the chunk-masking flags are `MaskingArguments`, shared with the inspect program.
 """
 
 from __future__ import annotations
