@@ -1,7 +1,7 @@
 """The DEBUG=1 chunk inspection without training: masks, inputs, targets and per-chunk predictions.
 
     python -m llada_trm.inspect --checkpoint runs/llada-trm/model --num_samples 2
-    python -m llada_trm.inspect --model_name_or_path tiny-llada     # a fresh head: predicts what the backbone does
+    python -m llada_trm.inspect --backbone tiny-llada     # a fresh head: predicts what the backbone does
 """
 
 from __future__ import annotations
@@ -10,42 +10,47 @@ import argparse
 import sys
 
 import torch
+from transformers import HfArgumentParser
 
 from llada_trm.data.collator import ChunkMaskingCollator
-from llada_trm.data.dataset import DataArguments, prepare_dataset
+from llada_trm.data.arguments import DataArguments
+from llada_trm.data.dataset import prepare_dataset
 from llada_trm.training.debug_view import format_chunk_inspection
 from llada_trm.cli.generate import InferenceSetupError, load_for_inference
 from llada_trm.model.integrity import one_line
 from llada_trm.model.modeling_llada import CheckpointMismatchError
+from llada_trm.training.arguments import MaskingArguments, UsageError
 from llada_trm.training.objectives import MODEL_INPUTS
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, MaskingArguments]:
+    parser = HfArgumentParser(MaskingArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a trained hybrid directory (with its tokenizer)")
-    source.add_argument("--model_name_or_path", default="tiny-llada", help="backbone for a fresh, untrained head")
+    source.add_argument("--backbone", "--model_name_or_path", dest="backbone", default="tiny-llada",
+                        help="backbone for a fresh, untrained head")
     parser.add_argument("--dataset_name", default="synthetic")
     parser.add_argument("--dataset_path", default=None)
     parser.add_argument("--split", default="validation")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--chunk_size", type=int, default=16, help="fresh head only; a checkpoint has its own")
-    parser.add_argument("--mask_probability", type=float, default=0.3)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    masking, args = parser.parse_args_into_dataclasses(argv)
     if args.num_samples <= 0:
         parser.error(f"--num_samples must be positive, got {args.num_samples}")
-    if not 0 <= args.mask_probability <= 1:
-        parser.error(f"--mask_probability must be in [0, 1], got {args.mask_probability}")
-    return args
+    try:
+        masking.validate()
+    except UsageError as error:
+        parser.error(str(error))
+    return args, masking
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args, masking = parse_args(argv)
     try:
         model, tokenizer = load_for_inference(checkpoint=args.checkpoint,
-                                              backbone=None if args.checkpoint else args.model_name_or_path,
+                                              backbone=None if args.checkpoint else args.backbone,
                                               chunk_size=None if args.checkpoint else args.chunk_size)
     except (InferenceSetupError, CheckpointMismatchError, OSError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     collator = ChunkMaskingCollator(tokenizer.mask_token_id, tokenizer.pad_token_id, chunk_size,
-                                    args.mask_probability, seed=args.seed)
+                                    masking.mask_probability, seed=args.seed,
+                                    partial_chunk_masking=masking.partial_chunk_masking)
     features = [prepared.dataset[i] for i in range(min(args.num_samples, len(prepared.dataset)))]
     batch = collator(features)
     with torch.no_grad():

@@ -12,7 +12,8 @@ from pathlib import Path
 from llada_trm.training.arguments import UsageError, parse_arguments
 from llada_trm.model.configuration_hybrid import HybridConfigError
 from llada_trm.model.configuration_llada import LLaDAConfigError
-from llada_trm.data.dataset import DataArgumentError, DataError
+from llada_trm.data.arguments import DataArgumentError
+from llada_trm.data.sources import DataError
 from llada_trm.inference.exact_match import format_fair_table, prompt_ids_of
 from llada_trm.model.modeling_llada import CheckpointMismatchError
 from llada_trm.training.trainer import Trainer, TrainingError

@@ -8,35 +8,25 @@ be sliced (`train[:95%]`, `train[-200:]`) for every source.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import datasets
 
-if TYPE_CHECKING:
-    from llada_trm.data.dataset import DataArguments
+from llada_trm.data.arguments import ALIAS_HUB_NAMES, DataArguments, parse_split
+from llada_trm.env_flags import env_flag
 
-ALIAS_HUB_NAMES = {"natural_reasoning": ("facebook/natural_reasoning", None), "gsm8k": ("openai/gsm8k", "main")}
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SPLIT_WORDS = {"train": {"train"}, "validation": {"validation", "valid", "val", "dev", "eval"}, "test": {"test"}}
-_SPLIT_SPEC = re.compile(r"^(?P<name>[\w.-]+?)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
 
 
 class DataError(ValueError):
     """The data cannot be trained on as configured; the message says why and what to change."""
 
 
-class DataArgumentError(ValueError):
-    """An invalid data flag; the message names the flag."""
-
-
 def load_records(args: DataArguments, split: str) -> tuple[datasets.Dataset, str | None]:
     """The raw records of `split` (a name, optionally sliced) and the alias whose field mapping applies."""
-    match = _SPLIT_SPEC.match(split)
-    if match is None:
-        raise DataArgumentError(f"split must be a name, optionally sliced like train[:90%], got {split!r}")
+    match = parse_split(split)
     name = match["name"]
     alias = args.dataset_name if args.dataset_name in ALIAS_HUB_NAMES else None
     if args.dataset_path:
@@ -79,8 +69,7 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _is_offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
-    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags) or bool(datasets.config.HF_HUB_OFFLINE)
+    return env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE") or bool(datasets.config.HF_HUB_OFFLINE)
 
 
 def _is_connection_failure(error: BaseException | None) -> bool:

@@ -1,9 +1,11 @@
 """Configuration of the hybrid: which backbone, the refinement head's shape, recursion and loss settings.
 
 A hybrid checkpoint of a frozen backbone holds this config (naming the backbone) and the head weights only.
+Each field's `help` is also the help of its training flag (training/arguments.py derives the flags from here),
+and `validate_architecture` is the one place these settings' ranges are checked.
 """
 
-from __future__ import annotations
+from dataclasses import field
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -12,7 +14,11 @@ STEP_WEIGHTINGS = ("linear", "uniform")
 
 
 class HybridConfigError(ValueError):
-    """A hybrid setting out of range, named by its field."""
+    """A hybrid setting out of range, named by its field in backticks."""
+
+
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @strict
@@ -21,30 +27,30 @@ class HybridConfig(PreTrainedConfig):
 
     backbone_name_or_path: str = "tiny-llada"
     backbone_in_checkpoint: bool = False  # True: the (trained) backbone is saved in the `backbone/` subfolder
-    freeze_backbone: bool = True
-    chunk_size: int = 16
+    freeze_backbone: bool = _setting(True, "train only the head (--no_freeze_backbone: full)")
+    chunk_size: int = _setting(16, "tokens per reasoning chunk (thought)")
     # Refinement head; None = derived from the backbone's d_model when the model is built.
-    head_hidden_size: int | None = None
-    head_layers: int = 2
-    head_heads: int | None = None
-    head_mlp_hidden_size: int | None = None
-    head_rope_theta: float = 10000.0
-    head_rms_norm_eps: float = 1e-5
-    head_init_std: float = 0.02
-    latent_steps: int = 2
+    head_hidden_size: int | None = _setting(None, "head width (default min(d_model, 1024))")
+    head_layers: int = _setting(2, "layers of the head's tiny transformer")
+    head_heads: int | None = _setting(None, "attention heads of the head (default max(1, head width // 64))")
+    head_mlp_hidden_size: int | None = _setting(None, "MLP width of the head (default 3 x head width)")
+    head_rope_theta: float = _setting(10000.0, "RoPE base of the head")
+    head_rms_norm_eps: float = _setting(1e-5, "RMSNorm epsilon of the head")
+    head_init_std: float = _setting(0.02, "standard deviation of the head's initial weights")
+    latent_steps: int = _setting(2, "latent updates z <- f(z + y + x) per refinement step")
     # Recursion
-    max_recursive_steps: int = 8
-    min_recursive_steps: int = 2
-    refine_confidence_threshold: float = 0.9
-    detach_between_steps: bool = True
+    max_recursive_steps: int = _setting(8, "refinement steps in training; cap at inference")
+    min_recursive_steps: int = _setting(2, "refinement steps before an early stop")
+    refine_confidence_threshold: float = _setting(0.9, "stop refining a chunk at this confidence")
+    detach_between_steps: bool = _setting(True, "detach y and z between refinement steps")
     # None: on exactly when detach_between_steps is on. Detached steps only need their own activations in the
     # backward pass, and recomputing each step there keeps memory flat in the number of steps.
-    checkpoint_refinement_steps: bool | None = None
+    checkpoint_refinement_steps: bool | None = _setting(None, (
+        "recompute each refinement step in backward: memory flat in the number of steps (default: with detaching)"))
     # Deep-supervision loss
-    deep_supervision_weight: float = 0.3
-    unmasked_chunk_weight: float = 1.0
-    step_weighting: str = "linear"
-
+    deep_supervision_weight: float = _setting(0.3, "masked chunks weigh 1 + this")
+    unmasked_chunk_weight: float = _setting(1.0, "weight of unmasked chunks")
+    step_weighting: str = _setting("linear", "linear (a_s = s) or uniform")
     def resolve_head_shape(self, backbone_d_model: int) -> None:
         """Fill the derived head sizes from the backbone width (once, before the head is built)."""
         if self.head_hidden_size is None:
@@ -62,19 +68,23 @@ class HybridConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         positive = ("chunk_size", "head_layers", "latent_steps", "max_recursive_steps", "min_recursive_steps")
-        for field in positive:
-            if getattr(self, field) < 1:
-                raise HybridConfigError(f"`{field}` must be at least 1, got {getattr(self, field)}")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise HybridConfigError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        for name in ("head_hidden_size", "head_heads", "head_mlp_hidden_size"):  # None: derived later
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise HybridConfigError(f"`{name}` must be positive, got {value}")
         if self.min_recursive_steps > self.max_recursive_steps:
             raise HybridConfigError(
                 f"`min_recursive_steps` ({self.min_recursive_steps}) must not exceed "
                 f"`max_recursive_steps` ({self.max_recursive_steps})"
             )
         if self.step_weighting not in STEP_WEIGHTINGS:
-            raise HybridConfigError(f"`step_weighting` must be one of {STEP_WEIGHTINGS}, got {self.step_weighting!r}")
-        for field in ("deep_supervision_weight", "unmasked_chunk_weight", "refine_confidence_threshold"):
-            if getattr(self, field) < 0:
-                raise HybridConfigError(f"`{field}` must be non-negative, got {getattr(self, field)}")
+            raise HybridConfigError(f"`step_weighting` must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}")
+        for name in ("deep_supervision_weight", "unmasked_chunk_weight", "refine_confidence_threshold"):
+            if getattr(self, name) < 0:
+                raise HybridConfigError(f"`{name}` must be non-negative, got {getattr(self, name)}")
         if self.head_hidden_size is not None and self.head_heads is not None:
             if self.head_hidden_size % self.head_heads or (self.head_hidden_size // self.head_heads) % 2:
                 raise HybridConfigError(

@@ -3,18 +3,25 @@
 `--config configs/NAME.yaml` supplies defaults (a YAML mapping of flag names to values); flags given on the
 command line override it. An unknown YAML key or an invalid value is a usage error: one line naming the flag
 (or the file and key), exit code 2, no traceback.
+
+The hybrid's flags are HybridConfig's own fields (name, type, default, help), and its `validate_architecture`
+is their only range check; the chunk-masking flags are `MaskingArguments`, shared with the inspect program.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser
+from huggingface_hub.errors import StrictDataclassError
+from transformers import HfArgumentParser, PreTrainedConfig
 
-from llada_trm.data.dataset import DataArguments
+from llada_trm.data.arguments import DataArguments
+from llada_trm.model.configuration_hybrid import HybridConfig, HybridConfigError
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig
 
@@ -31,31 +38,71 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class ModelArguments:
+class MaskingArguments:
+    """Which reasoning chunks the collator masks; shared by training and `python -m llada_trm.inspect`."""
+
+    mask_probability: float = field(default=0.3, metadata=_help("probability that a reasoning chunk is masked"))
+    partial_chunk_masking: bool = field(default=False, metadata=_help(
+        "mask only a random fraction (rate drawn per chunk) of a masked chunk's tokens, as between decode rounds"))
+
+    def validate(self) -> None:
+        if not 0.0 <= self.mask_probability <= 1.0:
+            raise UsageError(f"--mask_probability must be in [0, 1], got {self.mask_probability}")
+
+
+@dataclass
+class _BackboneArguments:
     model_name_or_path: str = field(default="tiny-llada", metadata=_help(
         "LLaDA backbone: `tiny-llada` (shipped), a local directory, or a Hub name such as GSAI-ML/LLaDA-8B-Instruct"))
     objective: str = field(default="hybrid", metadata=_help("hybrid (backbone + refinement head) or llada_sft"))
-    freeze_backbone: bool = field(default=True, metadata=_help("train only the head (--no_freeze_backbone: full)"))
     use_lora: bool = field(default=False, metadata=_help("LoRA adapters on the backbone (needs peft)"))
     lora_r: int = field(default=16, metadata=_help("LoRA rank"))
     lora_alpha: int = field(default=32, metadata=_help("LoRA alpha"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute backbone activations"))
-    chunk_size: int = field(default=16, metadata=_help("tokens per reasoning chunk (thought)"))
-    mask_probability: float = field(default=0.3, metadata=_help("probability that a reasoning chunk is masked"))
-    partial_chunk_masking: bool = field(default=False, metadata=_help(
-        "mask only a random fraction (rate drawn per chunk) of a masked chunk's tokens, as between decode rounds"))
-    head_hidden_size: int | None = field(default=None, metadata=_help("head width (default min(d_model, 1024))"))
-    head_layers: int = field(default=2, metadata=_help("layers of the head's tiny transformer"))
-    latent_steps: int = field(default=2, metadata=_help("latent updates z <- f(z + y + x) per refinement step"))
-    max_recursive_steps: int = field(default=8, metadata=_help("refinement steps in training; cap at inference"))
-    min_recursive_steps: int = field(default=2, metadata=_help("refinement steps before an early stop"))
-    refine_confidence_threshold: float = field(default=0.9, metadata=_help("stop refining a chunk at this confidence"))
-    detach_between_steps: bool = field(default=True, metadata=_help("detach y and z between refinement steps"))
-    checkpoint_refinement_steps: bool | None = field(default=None, metadata=_help(
-        "recompute each refinement step in backward: memory flat in the number of steps (default: with detaching)"))
-    deep_supervision_weight: float = field(default=0.3, metadata=_help("masked chunks weigh 1 + this"))
-    unmasked_chunk_weight: float = field(default=1.0, metadata=_help("weight of unmasked chunks"))
-    step_weighting: str = field(default="linear", metadata=_help("linear (a_s = s) or uniform"))
+
+
+# HybridConfig's own fields that are not flags: the backbone is --model_name_or_path, and whether a checkpoint
+# holds the backbone is decided when it is saved.
+_NOT_FLAGS = {"backbone_name_or_path", "backbone_in_checkpoint"} | {f.name for f in dataclasses.fields(PreTrainedConfig)}
+HYBRID_FLAGS = {f.name: f for f in dataclasses.fields(HybridConfig) if f.name not in _NOT_FLAGS}
+
+def _flag(name: str, kind, f: dataclasses.Field) -> tuple:
+    return name, kind, field(default=f.default, metadata=f.metadata)
+
+
+def _flags_of(cls) -> list[tuple]:
+    hints = typing.get_type_hints(cls)
+    return [_flag(f.name, hints[f.name], f) for f in dataclasses.fields(cls)]
+
+
+# The backbone and masking flags, then --<field> for every HybridConfig setting (names, types, defaults and help
+# come from the config). `.masking` gives the masking flags as the group the collator settings are.
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments",
+    _flags_of(_BackboneArguments) + _flags_of(MaskingArguments) + [_flag(n, f.type, f) for n, f in HYBRID_FLAGS.items()],
+    namespace={
+        "__module__": __name__,  # so that the arguments pickle like any class of this module
+        "masking": property(lambda self: MaskingArguments(self.mask_probability, self.partial_chunk_masking)),
+    },
+)
+
+
+def _yaml_number(value, kind):
+    # A YAML config may write 1 for 1.0; argparse converts only strings, and the strict config wants a float.
+    return float(value) if kind is float and isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def hybrid_config(model: ModelArguments) -> HybridConfig:
+    """The HybridConfig the flags describe. Raises HybridConfigError (named by field) for a setting out of range."""
+    settings = {name: _yaml_number(getattr(model, name), f.type) for name, f in HYBRID_FLAGS.items()}
+    # LoRA trains adapters inside the backbone, so the hybrid must not freeze it as a whole.
+    settings["freeze_backbone"] = model.freeze_backbone and not model.use_lora
+    try:
+        return HybridConfig(backbone_name_or_path=model.model_name_or_path, **settings)
+    except StrictDataclassError as error:  # @strict wraps the validator's error
+        if isinstance(error.__cause__, HybridConfigError):
+            raise error.__cause__ from None
+        raise
 
 
 @dataclass
@@ -100,10 +147,8 @@ class TrainArguments:
 TruncationArguments = dataclasses.make_dataclass(
     "TruncationArguments",
     [("truncation_preset", str | None, field(default=None, metadata=_help("strategy ladder rung: baseline, A1, A1b, A2, A3, A4, A5")))]
-    + [
-        (f"truncation_{f.name}", f.type if not isinstance(f.type, str) else eval(f.type) | None, field(default=None))  # noqa: S307
-        for f in dataclasses.fields(TruncationConfig)
-    ],
+    + [(f"truncation_{name}", kind | None, field(default=None)) for name, kind, _ in _flags_of(TruncationConfig)],
+    namespace={"__module__": __name__},
 )
 
 
@@ -176,18 +221,12 @@ def validate(model: ModelArguments, train: TrainArguments) -> None:
             raise UsageError(message)
 
     require(model.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {model.objective!r}")
-    require(model.chunk_size > 0, f"--chunk_size must be positive, got {model.chunk_size}")
-    require(0.0 <= model.mask_probability <= 1.0, f"--mask_probability must be in [0, 1], got {model.mask_probability}")
-    for name in ("head_layers", "latent_steps", "max_recursive_steps", "min_recursive_steps", "lora_r"):
-        require(getattr(model, name) >= 1, f"--{name} must be at least 1, got {getattr(model, name)}")
-    require(
-        model.min_recursive_steps <= model.max_recursive_steps,
-        f"--min_recursive_steps ({model.min_recursive_steps}) must not exceed --max_recursive_steps ({model.max_recursive_steps})",
-    )
-    require(model.head_hidden_size is None or model.head_hidden_size > 0, f"--head_hidden_size must be positive, got {model.head_hidden_size}")
-    require(model.step_weighting in ("linear", "uniform"), f"--step_weighting must be linear or uniform, got {model.step_weighting!r}")
-    for name in ("deep_supervision_weight", "unmasked_chunk_weight", "refine_confidence_threshold"):
-        require(getattr(model, name) >= 0, f"--{name} must be non-negative, got {getattr(model, name)}")
+    require(model.lora_r >= 1, f"--lora_r must be at least 1, got {model.lora_r}")
+    model.masking.validate()
+    try:
+        hybrid_config(model)
+    except HybridConfigError as error:  # its fields are the flags' names: `chunk_size` -> --chunk_size
+        raise UsageError(re.sub(r"`(\w+)`", r"--\1", str(error))) from None
     for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "max_bad_steps", "debug_every",
                  "eval_decode_steps_per_chunk"):
         require(getattr(train, name) > 0, f"--{name} must be positive, got {getattr(train, name)}")

@@ -6,15 +6,15 @@ then every --debug_every steps) and by `python -m llada_trm.inspect` (the same v
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from llada_trm.env_flags import env_flag
 
 MASK_SHOWN_AS = "[MASK]"
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("DEBUG", "").strip().lower() in ("1", "true", "yes")
+    return env_flag("DEBUG")
 
 
 def _text(tokenizer, ids) -> str:

@@ -11,12 +11,13 @@ What is notable:
   trainer state records the position inside the epoch.
 - A window with nothing supervised is an empty step; a non-finite loss or gradient skips the optimiser
   step; `--max_bad_steps` of those in a row stop the run.
+
+Held-out scoring is in training/held_out.py, metrics and the run record in training/run_log.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -31,18 +32,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llada_trm.training.arguments import RunArguments, UsageError
-from llada_trm.training.checkpointing import load_checkpoint, register_state_hooks, resolve_resume, save_checkpoint
 from llada_trm.data.collator import ChunkMaskingCollator, mask_seed, pad_batch
-from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.data.dataset import prepare_dataset
-from llada_trm.training.debug_view import debug_enabled, format_chunk_inspection
-from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, scored_rows
 from llada_trm.grad_trace import build_grad_tracer
+from llada_trm.inference.exact_match import fair_evaluation
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.loading import load_backbone, load_tokenizer
+from llada_trm.training import held_out
+from llada_trm.training.arguments import RunArguments, UsageError, hybrid_config
+from llada_trm.training.checkpointing import load_checkpoint, register_state_hooks, resolve_resume, save_checkpoint
+from llada_trm.training.debug_view import debug_enabled, format_chunk_inspection
 from llada_trm.training.objectives import HybridObjective, LLaDASFTObjective
 from llada_trm.training.run_directory import claim_run_directory, precheck_run_directory, release_lock, trim_logs
+from llada_trm.training.run_log import MetricsLog, summarise, write_run_config
 from llada_trm.training.truncation import TruncationLogger
 
 BATCH_COLUMNS = ("input_ids", "attention_mask", "labels", "chunk_index", "sample_id")
@@ -76,78 +78,44 @@ def build_model(args: RunArguments):
             r=m.lora_r, lora_alpha=m.lora_alpha, target_modules=["q_proj", "k_proj", "v_proj", "attn_out"]))
     if m.objective == "llada_sft":
         return backbone
-    config = HybridConfig(
-        backbone_name_or_path=m.model_name_or_path, freeze_backbone=m.freeze_backbone and not m.use_lora,
-        chunk_size=m.chunk_size, head_hidden_size=m.head_hidden_size, head_layers=m.head_layers,
-        latent_steps=m.latent_steps, max_recursive_steps=m.max_recursive_steps,
-        min_recursive_steps=m.min_recursive_steps, refine_confidence_threshold=m.refine_confidence_threshold,
-        detach_between_steps=m.detach_between_steps, checkpoint_refinement_steps=m.checkpoint_refinement_steps,
-        deep_supervision_weight=m.deep_supervision_weight, unmasked_chunk_weight=m.unmasked_chunk_weight,
-        step_weighting=m.step_weighting,
-    )
-    return LLaDATRMHybrid(config, backbone)
+    return LLaDATRMHybrid(hybrid_config(m), backbone)
 
 
 def micro_batch_generator(seed: int, step: int, micro: int, rank: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(mask_seed(seed, step, micro * 65536 + rank) % (2**63))
 
 
-class MetricsLog:
-    """metrics.jsonl in the run directory (always) plus accelerate's trackers; main process only."""
-
-    def __init__(self, accelerator: Accelerator, output_dir: str):
-        self.accelerator, self.path = accelerator, Path(output_dir) / "metrics.jsonl"
-
-    def write(self, record: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        self.accelerator.log(numbers, step=record["step"])
+def make_accelerator(args: RunArguments) -> Accelerator:
+    t = args.train
+    precision = ("bf16" if torch.cuda.is_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision
+    # Several processes and no CUDA (torchrun / accelerate launch on CPU): gloo on CPU.
+    multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        cpu=multi_process_cpu,
+        mixed_precision=precision,
+        log_with=None if t.report_to == "none" else t.report_to,
+        project_dir=t.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.truncation.enable and accelerator.distributed_type.name == "DEEPSPEED":
+        raise UsageError("token truncation rescales gradients after the forward pass, which DeepSpeed does not "
+                         "expose; use DDP or FSDP (configs/accelerate/) with truncation")
+    return accelerator
 
 
 class Trainer:
     def __init__(self, args: RunArguments):
         self.args = args
         m, t = args.model, args.train
-        precision = ("bf16" if torch.cuda.is_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision
-        # Several processes and no CUDA (torchrun / accelerate launch on CPU): gloo on CPU.
-        multi_process_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(
-            cpu=multi_process_cpu,
-            mixed_precision=precision,
-            log_with=None if t.report_to == "none" else t.report_to,
-            project_dir=t.output_dir,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        )
-        acc = self.accelerator
-        if args.truncation.enable and acc.distributed_type.name == "DEEPSPEED":
-            raise UsageError("token truncation rescales gradients after the forward pass, which DeepSpeed does not "
-                             "expose; use DDP or FSDP (configs/accelerate/) with truncation")
+        self.accelerator = acc = make_accelerator(args)
         set_seed(t.seed)
         self.say = print if acc.is_main_process else (lambda *a, **k: None)
+        # Before anything is loaded: a run directory that cannot be used fails fast.
         precheck_run_directory(t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir, acc.is_main_process)
         self.tokenizer = load_tokenizer(m.model_name_or_path)
-        with acc.main_process_first():
-            self.train_data = prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.train_split)
-            self.eval_data = (prepare_dataset(args.data, self.tokenizer, m.chunk_size, args.data.eval_split)
-                              if args.data.eval_split else None)
-        self.say(self.train_data.summary.format())
-        if self.eval_data is not None:
-            self.say(self.eval_data.summary.format())
-
+        self.train_data, self.eval_data = self._prepare_data()
         self.model = build_model(args)
-        mask_id, pad_id = self.tokenizer.mask_token_id, self.tokenizer.pad_token_id
-        if m.objective == "hybrid":
-            self.objective = HybridObjective(self.model.config, args.truncation, args.weighting, mask_id)
-            self.collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed,
-                                                 partial_chunk_masking=m.partial_chunk_masking)
-            eval_collator = ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=t.seed + 1,
-                                                 partial_chunk_masking=m.partial_chunk_masking)
-        else:
-            self.objective = LLaDASFTObjective(mask_id)
-            self.collator = eval_collator = _PadOnly(pad_id, m.chunk_size)
+        self.objective, self.collator, eval_collator = self._objective_and_collators()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise UsageError("nothing to train: every parameter is frozen")
@@ -171,6 +139,31 @@ class Trainer:
         self.train_seconds = 0.0  # wall time inside optimiser steps (no evaluation, no checkpoints), this process
         self.grad_tracer = build_grad_tracer(self) if t.token_grad_trace_every else None
 
+    def _prepare_data(self):
+        data, chunk_size = self.args.data, self.args.model.chunk_size
+        with self.accelerator.main_process_first():  # the main process fills the datasets cache first
+            train_data = prepare_dataset(data, self.tokenizer, chunk_size, data.train_split)
+            eval_data = prepare_dataset(data, self.tokenizer, chunk_size, data.eval_split) if data.eval_split else None
+        self.say(train_data.summary.format())
+        if eval_data is not None:
+            self.say(eval_data.summary.format())
+        return train_data, eval_data
+
+    def _objective_and_collators(self):
+        """The objective, and the collators of the training and the held-out batches."""
+        m, seed = self.args.model, self.args.train.seed
+        mask_id, pad_id = self.tokenizer.mask_token_id, self.tokenizer.pad_token_id
+        if m.objective == "llada_sft":
+            pad_only = _PadOnly(pad_id, m.chunk_size)
+            return LLaDASFTObjective(mask_id), pad_only, pad_only
+
+        def masking_collator(seed: int) -> ChunkMaskingCollator:
+            return ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=seed,
+                                        partial_chunk_masking=m.partial_chunk_masking)
+
+        objective = HybridObjective(self.model.config, self.args.truncation, self.args.weighting, mask_id)
+        return objective, masking_collator(seed), masking_collator(seed + 1)
+
     def _loader(self, dataset, batch_size: int, shuffle: bool, collate) -> DataLoader:
         dataset = dataset.select_columns([c for c in BATCH_COLUMNS if c in dataset.column_names])
         generator = torch.Generator().manual_seed(self.args.train.seed)
@@ -187,7 +180,7 @@ class Trainer:
         loss_sum, kept, tokens, metric_sums, last = 0.0, 0.0, 0, {}, None
         self.model.train()
         for i, batch in enumerate(window):
-            generator = micro_batch_generator(t.seed, self.state.global_step, i, acc.process_index, acc.device)
+            generator = self.generator_for(self.state.global_step, i)
             sync = contextlib.nullcontext() if i == len(window) - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
                 result = self.objective(self.model, batch, generator)
@@ -241,78 +234,27 @@ class Trainer:
         if debug_enabled() and result.output is not None and (step <= 3 or step % every == 0):
             self.say(format_chunk_inspection(self.tokenizer, batch, result.output, title=f"(step {step})"))
 
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
+    # ------------------------------------------------------------------ evaluation (training/held_out.py)
+    def generator_for(self, step: int, micro: int) -> torch.Generator:
+        """The random generator of micro-batch `micro` of optimiser step `step` on this process."""
+        acc = self.accelerator
+        return micro_batch_generator(self.args.train.seed, step, micro, acc.process_index, acc.device)
+
     def evaluate(self) -> dict:
         """Eval loss (the training objective on every supervised token: no truncation, no token weights),
         perplexity of the last step, backbone-only loss."""
-        acc = self.accelerator
-        self.model.eval()
-        sums = torch.zeros(4, device=acc.device)  # loss_sum, count, last-step CE sum, backbone CE sum
-        supervised = torch.zeros(1, device=acc.device)
-        for i, batch in enumerate(self.eval_loader):
-            generator = micro_batch_generator(self.args.train.seed, 0, i, acc.process_index, acc.device)
-            with acc.autocast():
-                result = self.objective(self.model, batch, generator, token_filters=False)
-            sums[0] += result.loss_sum.float()
-            sums[1] += result.count
-            if result.output is not None:
-                sums[2] += result.output.step_token_loss[-1].sum().float()
-                sums[3] += result.output.backbone_token_loss.sum().float()
-                supervised += result.output.supervised_mask.sum()
-        sums, supervised = acc.reduce(sums, "sum"), acc.reduce(supervised, "sum")
-        self.model.train()
-        metrics = {"eval_loss": float(sums[0] / sums[1].clamp(min=1e-12))}
-        if float(supervised) > 0:
-            last_ce = float(sums[2] / supervised)
-            metrics.update(eval_last_step_loss=last_ce, eval_perplexity=math.exp(min(last_ce, 50)),
-                           eval_backbone_loss=float(sums[3] / supervised))
-        else:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
-        return metrics
+        return held_out.held_out_loss(self)
 
     def answer_accuracy(self) -> dict:
         """Fair exact match on the held-out problems (main process): the backbone with LLaDA's sampler and through
         the chunk decoder, and the hybrid with generate_with_refinement. Kept in `self.fair_eval` as well."""
-        t, m = self.args.train, self.args.model
-        if self.eval_data is None or t.eval_max_samples == 0 or not self.accelerator.is_main_process:
-            return {}
-        model = self.accelerator.unwrap_model(self.model)
-        is_hybrid = isinstance(model, LLaDATRMHybrid)
-        backbone = model.backbone if is_hybrid else model
-        rows, _ = scored_rows(self.eval_data.dataset, t.eval_max_samples)
-        budget = t.eval_max_new_tokens or default_new_token_budget(rows, m.chunk_size)
-        options = dict(tokenizer=self.tokenizer, rows=rows, max_new_tokens=budget, chunk_size=m.chunk_size,
-                       batch_size=t.eval_batch_size or t.batch_size, progress=False,
-                       decode_steps_per_chunk=t.eval_decode_steps_per_chunk)
-        # A frozen backbone answers the same at every evaluation: its rows are computed once.
-        frozen = is_hybrid and model.config.freeze_backbone
-        models = {"backbone_llada_sampler": backbone,
-                  "backbone_chunked": model if is_hybrid else _backbone_only_hybrid(model, self.args)}
-        models = {name: net for name, net in models.items() if not (frozen and name in self.frozen_backbone_rows)}
-        if is_hybrid:
-            models["hybrid_refined"] = model
-        evaluation = fair_evaluation(models=models, **options)
-        if frozen:
-            self.frozen_backbone_rows.update({k: v for k, v in evaluation["decoders"].items() if k != "hybrid_refined"})
-            evaluation["decoders"] = {**self.frozen_backbone_rows, **evaluation["decoders"]}
-            evaluation["accuracy"] = {name: r["accuracy"] for name, r in evaluation["decoders"].items()}
-        evaluation["accuracy"].setdefault("hybrid_refined", None)
-        self.fair_eval = {"step": self.state.global_step, **evaluation}
-        model.train()
-        metrics = {f"eval_accuracy_{name}": value for name, value in evaluation["accuracy"].items() if value is not None}
-        metrics["eval_num_samples"] = evaluation["num_samples"]
-        if is_hybrid:
-            metrics["eval_mean_refinement_steps"] = evaluation["decoders"]["hybrid_refined"]["mean_refinement_steps"]
-        return metrics
+        # Looked up here at call time, so that this module's `fair_evaluation` is the one place to substitute it.
+        return held_out.answer_accuracy(self, fair_evaluation)
 
     def write_eval_results(self) -> Path | None:
         """`eval_results.json` in the run directory: the last fair evaluation (main process)."""
-        if self.fair_eval is None or not self.accelerator.is_main_process:
-            return None
-        path = Path(self.args.train.output_dir) / "eval_results.json"
-        path.write_text(json.dumps(self.fair_eval, indent=2) + "\n")
-        return path
+        return held_out.write_eval_results(self.fair_eval, self.args.train.output_dir,
+                                           self.accelerator.is_main_process)
 
     # ------------------------------------------------------------------ the loop
     def resume(self) -> None:
@@ -396,11 +338,10 @@ class Trainer:
             progress.update(1)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{sum(r['tokens'] for r in window_log) / elapsed:.0f}")
             if step % t.logging_steps == 0 or step == stop_at:
-                self.metrics.write(self._summarise(window_log, elapsed))
+                self.metrics.write(summarise(window_log, self.state, self.scheduler.get_last_lr()[0], elapsed))
                 window_log, started = [], time.time()
             if t.eval_steps and step % t.eval_steps == 0 and self.eval_loader is not None:
-                last_eval = {**self.evaluate(), **self.answer_accuracy()}
-                self.metrics.write({"step": step, "train_seconds": self.train_seconds, **last_eval})
+                last_eval = self._evaluate_and_record()
                 self.say(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
             if t.save_steps and step % t.save_steps == 0:
                 checkpoint = self.save()
@@ -408,34 +349,21 @@ class Trainer:
         if checkpoint is None or not checkpoint.name.endswith(f"-{self.state.global_step}"):
             checkpoint = self.save()
         if self.eval_loader is not None and not (t.eval_steps and self.state.global_step % t.eval_steps == 0):
-            last_eval = {**self.evaluate(), **self.answer_accuracy()}
-            self.metrics.write({"step": self.state.global_step, "train_seconds": self.train_seconds, **last_eval})
+            last_eval = self._evaluate_and_record()
         final_model = self._export_final(checkpoint)
         self.write_eval_results()
         acc.end_training()
         return {"checkpoint": str(checkpoint), "model": str(final_model), "state": asdict(self.state), **last_eval}
 
-    def _summarise(self, window_log: list[dict], elapsed: float) -> dict:
-        numeric = [k for k, v in window_log[-1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        record = {"step": self.state.global_step, "epoch": self.state.epoch,
-                  "learning_rate": self.scheduler.get_last_lr()[0],
-                  "tokens_per_second": sum(r["tokens"] for r in window_log) / elapsed,
-                  "empty_steps": self.state.empty_steps, "skipped_steps": self.state.skipped_steps}
-        for key in numeric:
-            if key != "tokens":
-                values = [r[key] for r in window_log if key in r]
-                record[key] = sum(values) / len(values)
-        return record
+    def _evaluate_and_record(self) -> dict:
+        scores = {**self.evaluate(), **self.answer_accuracy()}
+        self.metrics.write({"step": self.state.global_step, "train_seconds": self.train_seconds, **scores})
+        return scores
 
     def _write_run_config(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        a = self.args
-        config = {"model": asdict(a.model), "data": asdict(a.data), "train": asdict(a.train),
-                  "truncation": a.truncation.to_dict(), "truncation_flags": a.truncation_flags,
-                  "weighting": asdict(a.weighting), "num_processes": self.accelerator.num_processes}
-        (Path(a.train.output_dir) / "run_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        self.say(a.truncation.describe())
+        if self.accelerator.is_main_process:
+            write_run_config(self.args, self.accelerator.num_processes)
+            self.say(self.args.truncation.describe())
 
     def _export_final(self, checkpoint: Path) -> Path:
         """Copy the checkpoint's loadable model to output_dir/model (atomically replaced)."""
@@ -459,13 +387,3 @@ class _PadOnly:
 
     def __call__(self, features):
         return pad_batch(features, self.pad_token_id, self.chunk_size)
-
-
-def _backbone_only_hybrid(backbone, args: RunArguments) -> LLaDATRMHybrid:
-    """Wrap a plain backbone with an untouched head (out_proj = 0), so chunk decoding uses the backbone alone."""
-    trainable = [p.requires_grad for p in backbone.parameters()]
-    config = HybridConfig(backbone_name_or_path=args.model.model_name_or_path, chunk_size=args.model.chunk_size)
-    hybrid = LLaDATRMHybrid(config, backbone)
-    for parameter, flag in zip(backbone.parameters(), trainable):  # wrapping must not freeze the trained backbone
-        parameter.requires_grad_(flag)
-    return hybrid

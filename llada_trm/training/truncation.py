@@ -26,15 +26,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from llada_trm.env_flags import parse_bool
+from llada_trm.training.weighting import CEIL_SLACK
+
 ENV_PREFIX = "TRUNCATION_"
 THRESHOLD_MODES = ("absolute", "ratio")
 RATIO_SCOPES = ("batch", "sequence")
 MASK_MODES = ("after_first_high", "mask_high_only", "mask_random")
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
-# ceil(valid_len * (1 - MAX_MASK_RATIO)) is taken with this slack so that decimal ratios are not pushed
-# up by binary rounding: 10 * (1 - 0.7) is 3.0000000000000004 in float64, and 3 is what the user meant.
-_CEIL_SLACK = 1e-9
 
 
 class TruncationConfigError(ValueError):
@@ -167,8 +165,9 @@ def _parse_value(field: str, raw, source: str):
     if isinstance(raw, str):
         text = raw.strip()
         value = text  # an unparseable text falls through to _check_value, which rejects it with the rule
-        if kind == "bool" and text.lower() in _TRUE + _FALSE:
-            value = text.lower() in _TRUE
+        if kind == "bool":
+            parsed = parse_bool(text)
+            value = text if parsed is None else parsed
         elif kind in ("int", "float"):
             with contextlib.suppress(ValueError):
                 value = int(text) if kind == "int" else float(text)
@@ -349,7 +348,7 @@ def truncation_decisions(
             run_end = _first_rank(high & (run >= config.min_high_run), rank, no_trigger)
             trigger = torch.where(run_end >= 0, run_end - (config.min_high_run - 1), no_trigger)
             start = trigger + (0 if config.include_trigger else 1)
-            max_mask_start = torch.ceil(valid_len.double() * (1 - config.max_mask_ratio) - _CEIL_SLACK).long()
+            max_mask_start = torch.ceil(valid_len.double() * (1 - config.max_mask_ratio) - CEIL_SLACK).long()
             start = torch.maximum(start, max_mask_start).clamp(min=config.min_prefix_tokens)
             start = torch.where(trigger >= 0, start, valid_len)
             masked = valid & (rank >= start.unsqueeze(1))

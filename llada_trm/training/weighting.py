@@ -20,8 +20,10 @@ from torch import Tensor
 
 WEIGHTING_SCHEMES = ("none", "topk", "antiop", "lr", "dft")
 LR_MIN_WEIGHT = 0.1
-# ceil(ratio * n) with slack so that 0.7 * 10 (7.000000000000001 in float64) keeps 7 tokens, not 8.
-_CEIL_SLACK = 1e-9
+# ceil(ratio * n) is taken with this slack so that decimal ratios are not pushed up by binary rounding:
+# 0.7 * 10 is 7.000000000000001 in float64 and 10 * (1 - 0.7) is 3.0000000000000004; 7 and 3 are what was meant.
+# Truncation's mask-start bound uses it too.
+CEIL_SLACK = 1e-9
 
 
 class WeightingConfigError(ValueError):
@@ -117,7 +119,7 @@ def _topk_weights(loss: Tensor, keep: Tensor, keep_ratio: float) -> Tensor:
     """1 for the ceil(keep_ratio * n) lowest-CE kept tokens of the micro-batch, 0 for the rest."""
     flat_keep = keep.flatten()
     n = int(flat_keep.sum())
-    n_kept = math.ceil(keep_ratio * n - _CEIL_SLACK)
+    n_kept = math.ceil(keep_ratio * n - CEIL_SLACK)
     # Stable sort by CE (ties: earlier flattened position first), then stably move non-kept tokens last.
     order = loss.flatten().sort(stable=True).indices
     order = order[(~flat_keep[order]).sort(stable=True).indices]

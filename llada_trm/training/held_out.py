@@ -1,0 +1,110 @@
+"""Scores on the held-out split during training: the objective's loss, and exact match of the decoders.
+
+What is notable:
+- The held-out loss is the training objective on every supervised token: no truncation, no token weights.
+- Answer accuracy is the fair comparison of inference/exact_match.py: the backbone with LLaDA's sampler and
+  through the chunk decoder, and the hybrid with generate_with_refinement. A frozen backbone answers the same
+  at every evaluation, so its rows are computed once and kept on the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from llada_trm.inference.exact_match import default_new_token_budget, scored_rows
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.training.arguments import RunArguments
+
+if TYPE_CHECKING:
+    from llada_trm.training.trainer import Trainer
+
+
+@torch.no_grad()
+def held_out_loss(trainer: Trainer) -> dict:
+    """eval_loss, and for the hybrid the last step's loss and perplexity and the backbone-only loss."""
+    acc = trainer.accelerator
+    trainer.model.eval()
+    sums = torch.zeros(4, device=acc.device)  # loss_sum, count, last-step CE sum, backbone CE sum
+    supervised = torch.zeros(1, device=acc.device)
+    for i, batch in enumerate(trainer.eval_loader):
+        with acc.autocast():
+            result = trainer.objective(trainer.model, batch, trainer.generator_for(0, i), token_filters=False)
+        sums[0] += result.loss_sum.float()
+        sums[1] += result.count
+        if result.output is not None:
+            sums[2] += result.output.step_token_loss[-1].sum().float()
+            sums[3] += result.output.backbone_token_loss.sum().float()
+            supervised += result.output.supervised_mask.sum()
+    sums, supervised = acc.reduce(sums, "sum"), acc.reduce(supervised, "sum")
+    trainer.model.train()
+    metrics = {"eval_loss": float(sums[0] / sums[1].clamp(min=1e-12))}
+    if float(supervised) > 0:
+        last_ce = float(sums[2] / supervised)
+        metrics.update(eval_last_step_loss=last_ce, eval_perplexity=math.exp(min(last_ce, 50)),
+                       eval_backbone_loss=float(sums[3] / supervised))
+    else:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    return metrics
+
+
+def answer_accuracy(trainer: Trainer, fair_evaluation) -> dict:
+    """Exact-match metrics of every decoder (main process); the full evaluation goes to `trainer.fair_eval`.
+    `fair_evaluation` is inference/exact_match.py's scorer, passed in by the trainer."""
+    t, m = trainer.args.train, trainer.args.model
+    if trainer.eval_data is None or t.eval_max_samples == 0 or not trainer.accelerator.is_main_process:
+        return {}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_hybrid = isinstance(model, LLaDATRMHybrid)
+    rows, _ = scored_rows(trainer.eval_data.dataset, t.eval_max_samples)
+    budget = t.eval_max_new_tokens or default_new_token_budget(rows, m.chunk_size)
+    options = dict(tokenizer=trainer.tokenizer, rows=rows, max_new_tokens=budget, chunk_size=m.chunk_size,
+                   batch_size=t.eval_batch_size or t.batch_size, progress=False,
+                   decode_steps_per_chunk=t.eval_decode_steps_per_chunk)
+    frozen = is_hybrid and model.config.freeze_backbone
+    kept = trainer.frozen_backbone_rows
+    models = {name: net for name, net in _decoders(model, trainer.args).items() if not (frozen and name in kept)}
+    evaluation = fair_evaluation(models=models, **options)
+    if frozen:
+        kept.update({k: v for k, v in evaluation["decoders"].items() if k != "hybrid_refined"})
+        evaluation["decoders"] = {**kept, **evaluation["decoders"]}
+        evaluation["accuracy"] = {name: r["accuracy"] for name, r in evaluation["decoders"].items()}
+    evaluation["accuracy"].setdefault("hybrid_refined", None)
+    trainer.fair_eval = {"step": trainer.state.global_step, **evaluation}
+    model.train()
+    metrics = {f"eval_accuracy_{name}": value for name, value in evaluation["accuracy"].items() if value is not None}
+    metrics["eval_num_samples"] = evaluation["num_samples"]
+    if is_hybrid:
+        metrics["eval_mean_refinement_steps"] = evaluation["decoders"]["hybrid_refined"]["mean_refinement_steps"]
+    return metrics
+
+
+def _decoders(model, args: RunArguments) -> dict:
+    """The models to score by decoder name; a plain backbone gets an untouched head for the chunk decoder."""
+    if isinstance(model, LLaDATRMHybrid):
+        return {"backbone_llada_sampler": model.backbone, "backbone_chunked": model, "hybrid_refined": model}
+    return {"backbone_llada_sampler": model, "backbone_chunked": backbone_only_hybrid(model, args)}
+
+
+def write_eval_results(fair_eval: dict | None, output_dir: str, is_main_process: bool) -> Path | None:
+    """`eval_results.json` in the run directory: the last fair evaluation (main process)."""
+    if fair_eval is None or not is_main_process:
+        return None
+    path = Path(output_dir) / "eval_results.json"
+    path.write_text(json.dumps(fair_eval, indent=2) + "\n")
+    return path
+
+
+def backbone_only_hybrid(backbone, args: RunArguments) -> LLaDATRMHybrid:
+    """Wrap a plain backbone with an untouched head (out_proj = 0), so chunk decoding uses the backbone alone."""
+    trainable = [p.requires_grad for p in backbone.parameters()]
+    config = HybridConfig(backbone_name_or_path=args.model.model_name_or_path, chunk_size=args.model.chunk_size)
+    hybrid = LLaDATRMHybrid(config, backbone)
+    for parameter, flag in zip(backbone.parameters(), trainable):  # wrapping must not freeze the trained backbone
+        parameter.requires_grad_(flag)
+    return hybrid
