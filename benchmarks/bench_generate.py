@@ -20,16 +20,16 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from llada_trm.model.configuration_hybrid import HybridConfig
-from llada_trm.embedded.assets import TINY_LLADA_PATH
-from llada_trm.inference.sampler import generate
-from llada_trm.model.hybrid import LLaDATRMHybrid
-from llada_trm.data.layout import encode_prompt, render_prompt
-from llada_trm.model.modeling_llada import LLaDAModelLM
 from llada_trm.cli.pretrain import build_config
 from llada_trm.cli.pretrain import parse_args as pretrain_defaults
-from llada_trm.inference.chunk_decoding import RefinementOutput, generate_with_refinement
+from llada_trm.data.layout import encode_prompt, render_prompt
 from llada_trm.embedded.arithmetic_task import generate_split
+from llada_trm.embedded.assets import TINY_LLADA_PATH
+from llada_trm.inference.chunk_decoding import RefinementOutput, generate_with_refinement
+from llada_trm.inference.sampler import generate
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.modeling_llada import LLaDAModelLM
 
 
 def build_model(tokenizer, device: str) -> tuple[LLaDATRMHybrid, str]:

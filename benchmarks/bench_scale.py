@@ -40,17 +40,17 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import SavedTensorMeter, describe_machine, naive_step, time_call  # noqa: E402
 
-from llada_trm.model.configuration_hybrid import HybridConfig  # noqa: E402
-from llada_trm.model.configuration_llada import LLaDAConfig  # noqa: E402
-from llada_trm.embedded.assets import TINY_LLADA_PATH  # noqa: E402
-from llada_trm.data.collator import positions_in_masked_chunks  # noqa: E402
-from llada_trm.training.diffusion import forward_mask, llada_sft_loss  # noqa: E402
-from llada_trm.inference.sampler import generate  # noqa: E402
-from llada_trm.model.hybrid import LLaDATRMHybrid  # noqa: E402
-from llada_trm.model.modeling_llada import LLaDAModelLM  # noqa: E402
 from llada_trm.cli.pretrain import build_config  # noqa: E402
 from llada_trm.cli.pretrain import parse_args as pretrain_defaults  # noqa: E402
+from llada_trm.data.collator import positions_in_masked_chunks  # noqa: E402
+from llada_trm.embedded.assets import TINY_LLADA_PATH  # noqa: E402
 from llada_trm.inference.chunk_decoding import generate_with_refinement  # noqa: E402
+from llada_trm.inference.sampler import generate  # noqa: E402
+from llada_trm.model.configuration_hybrid import HybridConfig  # noqa: E402
+from llada_trm.model.configuration_llada import LLaDAConfig  # noqa: E402
+from llada_trm.model.hybrid import LLaDATRMHybrid  # noqa: E402
+from llada_trm.model.modeling_llada import LLaDAModelLM  # noqa: E402
+from llada_trm.training.diffusion import forward_mask, llada_sft_loss  # noqa: E402
 
 # Official LLaDA-8B fields (docs/architecture.md §1). `1b` is a mid-size LLaDA-shaped model of this project (not a checkpoint).
 LLADA_SPECIAL = dict(eos_token_id=126081, pad_token_id=126081, bos_token_id=126080, mask_token_id=126336)

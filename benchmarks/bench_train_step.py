@@ -40,17 +40,17 @@ import datasets
 import torch
 from transformers import AutoTokenizer
 
-from llada_trm.data.collator import ChunkMaskingCollator
-from llada_trm.model.configuration_hybrid import HybridConfig
-from llada_trm.model.configuration_llada import LLaDAConfig
-from llada_trm.data.dataset import DataArguments, prepare_dataset
-from llada_trm.embedded.assets import TINY_LLADA_PATH, resolve_backbone_path
-from llada_trm.training.diffusion import forward_mask, llada_sft_loss
-from llada_trm.model.hybrid import LLaDATRMHybrid
-from llada_trm.training.losses import chunk_token_weights, deep_supervision_loss, step_weights
-from llada_trm.model.modeling_llada import LLaDAModelLM
 from llada_trm.cli.pretrain import build_config
 from llada_trm.cli.pretrain import parse_args as pretrain_defaults
+from llada_trm.data.collator import ChunkMaskingCollator
+from llada_trm.data.dataset import DataArguments, prepare_dataset
+from llada_trm.embedded.assets import TINY_LLADA_PATH, resolve_backbone_path
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.configuration_llada import LLaDAConfig
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.modeling_llada import LLaDAModelLM
+from llada_trm.training.diffusion import forward_mask, llada_sft_loss
+from llada_trm.training.losses import chunk_token_weights, deep_supervision_loss, step_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BATCH_KEYS = ("input_ids", "attention_mask", "chunk_index", "labels", "chunk_is_masked")

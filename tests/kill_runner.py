@@ -17,9 +17,9 @@ from pathlib import Path
 
 import accelerate
 
+from llada_trm.cli.train import main
 from llada_trm.model import integrity
 from llada_trm.training import checkpointing, trainer
-from llada_trm.cli.train import main
 
 KILL_AT = int(os.environ.get("KILL_AT_EVENT", "0"))
 output_dir = Path(sys.argv[sys.argv.index("--output_dir") + 1])

@@ -7,8 +7,8 @@ from transformers import AutoTokenizer
 
 from llada_trm.data.chat_spans import find_subsequence_end, header_token_variants, split_chat, start_from_headers
 from llada_trm.data.dataset import DataArguments, DataError, Recipe, prepare_batch, prepare_dataset
-from llada_trm.embedded.assets import TINY_LLADA_PATH
 from llada_trm.data.layout import MARKER
+from llada_trm.embedded.assets import TINY_LLADA_PATH
 from llada_trm.embedded.tokenizer import CHAT_TEMPLATE as LLAMA3
 
 CHATML = (

@@ -12,13 +12,19 @@ import torch
 from conftest import make_config, shipped_vocab_size
 
 from llada_trm import LLaDAModelLM
-from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.data.dataset import layout_sample
-from llada_trm.inference.sampler import generate
-from llada_trm.inference.exact_match import (chunk_decoder_accuracy, default_new_token_budget, fair_evaluation,
-                                  llada_sampler_accuracy, prompt_ids_of, scored_rows)
-from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.data.layout import render_prompt
+from llada_trm.inference.exact_match import (
+    chunk_decoder_accuracy,
+    default_new_token_budget,
+    fair_evaluation,
+    llada_sampler_accuracy,
+    prompt_ids_of,
+    scored_rows,
+)
+from llada_trm.inference.sampler import generate
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.hybrid import LLaDATRMHybrid
 
 CHUNK = 4
 QUESTIONS = ["Mia has 3 apples.", "Leo finds 4 coins.", "Ava has 2 books and buys 5 more."]

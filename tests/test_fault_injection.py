@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from llada_trm import LLaDATRMHybrid
-from llada_trm.training.checkpointing import complete_checkpoints, resolve_resume, validate_checkpoint
 from llada_trm.cli.generate import main as generate_main
+from llada_trm.cli.train import main as train_main
 from llada_trm.model.integrity import MANIFEST, BrokenFileError, write_manifest
 from llada_trm.model.loading import load_backbone, load_tokenizer, resolve_device
+from llada_trm.training.checkpointing import complete_checkpoints, resolve_resume, validate_checkpoint
 from llada_trm.training.run_directory import acquire_lock, release_lock
-from llada_trm.cli.train import main as train_main
 
 CHECKPOINT_FILES = [
     "manifest.json", "model.safetensors", "optimizer.bin", "rng_state_0.json", "rng_state_0.safetensors",

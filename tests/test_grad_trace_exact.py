@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import make_config
 
 from llada_trm import HybridConfig, LLaDAModelLM, LLaDATRMHybrid
 from llada_trm.grad_trace import TokenGradTracer
@@ -9,8 +10,6 @@ from llada_trm.training.losses import step_weights
 from llada_trm.training.objectives import HybridObjective, LLaDASFTObjective
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig
-
-from conftest import make_config
 
 
 def hybrid_model(**overrides) -> LLaDATRMHybrid:

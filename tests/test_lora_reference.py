@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import make_config
 
 from llada_trm import HybridConfig, LLaDAModelLM, LLaDATRMHybrid
 from llada_trm.training.arguments import UsageError, parse_arguments
@@ -11,8 +12,6 @@ from llada_trm.training.losses import deep_supervision_loss
 from llada_trm.training.objectives import HybridObjective
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig
-
-from conftest import make_config
 
 peft = pytest.importorskip("peft")
 

@@ -6,10 +6,10 @@ import torch
 from conftest import make_config, shipped_vocab_size
 
 from llada_trm import LLaDAModelLM
-from llada_trm.model.configuration_hybrid import HybridConfig
-from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.data.layout import ANSWER_CLOSE
 from llada_trm.inference.chunk_decoding import generate_with_refinement, stop_length
+from llada_trm.model.configuration_hybrid import HybridConfig
+from llada_trm.model.hybrid import LLaDATRMHybrid
 
 CHUNK, MASK, EOS = 4, 2, 1
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21]]  # padded widths 8, 12, 4

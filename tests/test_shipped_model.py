@@ -4,13 +4,13 @@ import torch
 from transformers import AutoTokenizer
 
 from llada_trm import LLaDAModelLM
-from llada_trm.data.dataset import DataArguments, prepare_dataset
-from llada_trm.embedded.assets import TINY_LLADA_PATH, resolve_backbone_path
-from llada_trm.training.diffusion import masked_token_accuracy
-from llada_trm.inference.exact_match import default_new_token_budget, llada_sampler_accuracy, scored_rows
-from llada_trm.data.layout import MARKER, render_example
 from llada_trm.cli.pretrain import encode_documents
+from llada_trm.data.dataset import DataArguments, prepare_dataset
+from llada_trm.data.layout import MARKER, render_example
 from llada_trm.embedded.arithmetic_task import generate_split
+from llada_trm.embedded.assets import TINY_LLADA_PATH, resolve_backbone_path
+from llada_trm.inference.exact_match import default_new_token_budget, llada_sampler_accuracy, scored_rows
+from llada_trm.training.diffusion import masked_token_accuracy
 
 
 def test_shipped_tokenizer_round_trips_text_and_has_llada_special_tokens(shipped_tokenizer):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from llada_trm import LLaDATRMHybrid
+from llada_trm.cli.train import main
 from llada_trm.training.arguments import parse_arguments
 from llada_trm.training.checkpointing import complete_checkpoints, resolve_resume
-from llada_trm.cli.train import main
 from llada_trm.training.trainer import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from llada_trm.training.arguments import parse_arguments
 from llada_trm.cli.train import USER_ERRORS
+from llada_trm.training.arguments import parse_arguments
 from llada_trm.training.trainer import Trainer, TrainingError
 from llada_trm.training.truncation import TRUNCATION_PRESETS
 

@@ -18,8 +18,8 @@ import torch
 
 from llada_trm.cli import EXIT_USAGE
 from llada_trm.data.layout import extract_answer
-from llada_trm.inference.chunk_decoding import DecodingSettings
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
+from llada_trm.inference.chunk_decoding import DecodingSettings
 from llada_trm.model.loading import resolve_device
 from llada_trm.model.modeling_llada import CheckpointMismatchError
 

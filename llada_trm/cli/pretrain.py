@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from llada_trm.model.configuration_llada import LLaDAConfig
 from llada_trm.data.dataset import DataArguments, prepare_dataset
-from llada_trm.embedded.assets import TINY_LLADA_PATH
-from llada_trm.training.diffusion import forward_mask, llada_pretrain_loss, llada_sft_loss, masked_token_accuracy
-from llada_trm.inference.exact_match import default_new_token_budget, llada_sampler_accuracy, scored_rows
 from llada_trm.data.layout import render_example, render_prompt
-from llada_trm.model.modeling_llada import LLaDAModelLM
 from llada_trm.embedded.arithmetic_task import generate_split
+from llada_trm.embedded.assets import TINY_LLADA_PATH
 from llada_trm.embedded.tokenizer import train_tokenizer
+from llada_trm.inference.exact_match import default_new_token_budget, llada_sampler_accuracy, scored_rows
+from llada_trm.model.configuration_llada import LLaDAConfig
+from llada_trm.model.modeling_llada import LLaDAModelLM
+from llada_trm.training.diffusion import forward_mask, llada_pretrain_loss, llada_sft_loss, masked_token_accuracy
 
 CHUNK_SIZE = 16
 

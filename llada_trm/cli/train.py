@@ -9,13 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llada_trm.training.arguments import UsageError, parse_arguments
-from llada_trm.model.configuration_hybrid import HybridConfigError
-from llada_trm.model.configuration_llada import LLaDAConfigError
 from llada_trm.data.arguments import DataArgumentError
 from llada_trm.data.sources import DataError
 from llada_trm.inference.exact_match import format_fair_table, prompt_ids_of
+from llada_trm.model.configuration_hybrid import HybridConfigError
+from llada_trm.model.configuration_llada import LLaDAConfigError
 from llada_trm.model.modeling_llada import CheckpointMismatchError
+from llada_trm.training.arguments import UsageError, parse_arguments
 from llada_trm.training.trainer import Trainer, TrainingError
 
 USER_ERRORS = (UsageError, DataError, DataArgumentError, LLaDAConfigError, HybridConfigError,

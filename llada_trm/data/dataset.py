@@ -26,7 +26,7 @@ from jinja2.exceptions import TemplateError
 
 from llada_trm.data.arguments import DataArgumentError, DataArguments
 from llada_trm.data.chat_spans import split_chat
-from llada_trm.data.layout import MARKER, extract_answer, render_prompt, render_reasoning
+from llada_trm.data.layout import MARKER, encode_prompt, extract_answer, render_prompt, render_reasoning, text_ids
 from llada_trm.data.sources import DataError, load_records
 
 BAD_KINDS = (
@@ -108,11 +108,6 @@ def _require(record: dict, name: str, source: str):
     return value
 
 
-def _text_ids(tokenizer, text: str, bos: bool) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return [tokenizer.bos_token_id, *ids] if bos and tokenizer.bos_token_id is not None else ids
-
-
 def _parse_question(record: dict, tokenizer, source: str, fields: tuple[str, str, str]) -> Parsed:
     question_field, reasoning_field, answer_field = fields
     question, reasoning = _require(record, question_field, source), _require(record, reasoning_field, source)
@@ -125,9 +120,9 @@ def _parse_question(record: dict, tokenizer, source: str, fields: tuple[str, str
     answer = record.get(answer_field)
     answer = str(answer).strip() if answer is not None and str(answer).strip() else None
     reasoning_text = render_reasoning(reasoning, answer)
-    prompt_ids = _text_ids(tokenizer, render_prompt(str(question)), bos=True)
+    prompt_ids = encode_prompt(tokenizer, render_prompt(str(question)))
     known_answer = answer if answer is not None else extract_answer(reasoning_text)
-    return Parsed(prompt_ids, _text_ids(tokenizer, reasoning_text, bos=False), known_answer or "")
+    return Parsed(prompt_ids, text_ids(tokenizer, reasoning_text), known_answer or "")
 
 
 def _parse_text(text, recipe: Recipe, tokenizer, source: str) -> Parsed:
@@ -138,8 +133,8 @@ def _parse_text(text, recipe: Recipe, tokenizer, source: str) -> Parsed:
     reasoning = after[len(newline) :]
     if not reasoning.strip():
         raise BadSample("empty_reasoning", f"{source}: nothing follows the marker")
-    prompt_ids = _text_ids(tokenizer, before + MARKER + newline, bos=True)
-    return Parsed(prompt_ids, _text_ids(tokenizer, reasoning, bos=False), extract_answer(reasoning) or "")
+    prompt_ids = encode_prompt(tokenizer, before + MARKER + newline)
+    return Parsed(prompt_ids, text_ids(tokenizer, reasoning), extract_answer(reasoning) or "")
 
 
 def _parse_messages(messages, recipe: Recipe, tokenizer, source: str) -> Parsed:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .exact import DEFAULT_MAX_BYTES, LinearCapture, TokenGradients, batched_token_gradients
 from llada_trm.training.arguments import UsageError
+
+from .exact import DEFAULT_MAX_BYTES, LinearCapture, TokenGradients, batched_token_gradients
 from .selection import TraceSelectionError, fast_linears, parse_patterns, select_parameters
 from .token_types import TokenTexts
 from .views import HybridView, LLaDASFTView, MicroBatchTrace

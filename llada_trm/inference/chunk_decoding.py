@@ -27,10 +27,10 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from llada_trm.model.attention import KVCache
-from llada_trm.inference.sampler import commit_top_k, propose, transfer_schedule
-from llada_trm.model.head import RefinementState
 from llada_trm.data.layout import ANSWER_CLOSE, MARKER, encode_prompt, render_prompt
+from llada_trm.inference.sampler import commit_top_k, propose, transfer_schedule
+from llada_trm.model.attention import KVCache
+from llada_trm.model.head import RefinementState
 
 
 @dataclass

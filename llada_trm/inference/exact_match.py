@@ -20,10 +20,15 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-from llada_trm.inference.sampler import generate
 from llada_trm.data.layout import ANSWER_CLOSE, extract_answer
-from llada_trm.inference.chunk_decoding import (DecodingSettings, generate_with_refinement, left_pad, single_token_id,
-                                               token_stop)
+from llada_trm.inference.chunk_decoding import (
+    DecodingSettings,
+    generate_with_refinement,
+    left_pad,
+    single_token_id,
+    token_stop,
+)
+from llada_trm.inference.sampler import generate
 
 DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
 SAMPLER_MIN_BATCH = 32  # the sampler runs one cheap step per token: larger batches amortise its Python loop

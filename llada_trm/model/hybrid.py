@@ -25,8 +25,8 @@ from llada_trm.model.head import RecursiveRefinementHead, RefinementState
 from llada_trm.model.integrity import check_safetensors, write_manifest
 from llada_trm.model.lm_head_loss import lm_head_scores
 from llada_trm.model.loading import load_backbone, load_hybrid_config
-from llada_trm.training.losses import chunk_token_weights, hybrid_loss
 from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
+from llada_trm.training.losses import chunk_token_weights, hybrid_loss
 
 HEAD_WEIGHTS = "model.safetensors"
 

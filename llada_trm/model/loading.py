@@ -14,9 +14,17 @@ from pathlib import Path
 
 import torch
 
-from llada_trm.model.configuration_llada import LLaDAConfigError
 from llada_trm.embedded.assets import resolve_backbone_path
-from llada_trm.model.integrity import MANIFEST, BrokenFileError, check_file, check_json, one_line, read_manifest, verify_manifest
+from llada_trm.model.configuration_llada import LLaDAConfigError
+from llada_trm.model.integrity import (
+    MANIFEST,
+    BrokenFileError,
+    check_file,
+    check_json,
+    one_line,
+    read_manifest,
+    verify_manifest,
+)
 from llada_trm.model.modeling_llada import CheckpointMismatchError
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")

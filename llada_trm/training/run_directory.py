@@ -19,9 +19,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+from llada_trm.model.integrity import BrokenFileError, check_json
 from llada_trm.training.arguments import UsageError
 from llada_trm.training.checkpointing import PREFIX, checkpoint_step
-from llada_trm.model.integrity import BrokenFileError, check_json
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
