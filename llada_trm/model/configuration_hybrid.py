@@ -51,6 +51,7 @@ class HybridConfig(PreTrainedConfig):
     deep_supervision_weight: float = _setting(0.3, "masked chunks weigh 1 + this")
     unmasked_chunk_weight: float = _setting(1.0, "weight of unmasked chunks")
     step_weighting: str = _setting("linear", "linear (a_s = s) or uniform")
+
     def resolve_head_shape(self, backbone_d_model: int) -> None:
         """Fill the derived head sizes from the backbone width (once, before the head is built)."""
         if self.head_hidden_size is None:
@@ -81,7 +82,9 @@ class HybridConfig(PreTrainedConfig):
                 f"`max_recursive_steps` ({self.max_recursive_steps})"
             )
         if self.step_weighting not in STEP_WEIGHTINGS:
-            raise HybridConfigError(f"`step_weighting` must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}")
+            raise HybridConfigError(
+                f"`step_weighting` must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}"
+            )
         for name in ("deep_supervision_weight", "unmasked_chunk_weight", "refine_confidence_threshold"):
             if getattr(self, name) < 0:
                 raise HybridConfigError(f"`{name}` must be non-negative, got {getattr(self, name)}")

@@ -66,6 +66,7 @@ class _BackboneArguments:
 _NOT_FLAGS = {"backbone_name_or_path", "backbone_in_checkpoint"} | {f.name for f in dataclasses.fields(PreTrainedConfig)}
 HYBRID_FLAGS = {f.name: f for f in dataclasses.fields(HybridConfig) if f.name not in _NOT_FLAGS}
 
+
 def _flag(name: str, kind, f: dataclasses.Field) -> tuple:
     return name, kind, field(default=f.default, metadata=f.metadata)
 
