@@ -12,10 +12,10 @@ import sys
 import torch
 from transformers import HfArgumentParser
 
-from llada_trm.cli.generate import InferenceSetupError, load_for_inference
 from llada_trm.data.arguments import DataArguments
 from llada_trm.data.collator import ChunkMaskingCollator
 from llada_trm.data.dataset import prepare_dataset
+from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
 from llada_trm.model.integrity import one_line
 from llada_trm.model.modeling_llada import CheckpointMismatchError
 from llada_trm.training.arguments import MaskingArguments, UsageError
