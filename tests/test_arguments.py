@@ -2,6 +2,7 @@
 
 import dataclasses
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,18 @@ def test_inspect_keeps_model_name_or_path_as_an_alias_of_backbone():
     for flag in ("--backbone", "--model_name_or_path"):
         args, masking = parse_args([flag, "some/dir", "--mask_probability", "0.5"])
         assert args.backbone == "some/dir" and masking.mask_probability == 0.5
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_run_config_parses(config):
+    args = parse_arguments(["--config", str(config)], environ={})
+    assert args.model.objective in ("hybrid", "llada_sft")
+
+
+def test_layout_sft_config_trains_the_whole_backbone_with_llada_sft():
+    """Stage 1 of the two-stage recipe (docs/embedded_default.md) is plain LLaDA SFT of the backbone, and stage 2
+    reads the directory it writes."""
+    repo = Path(__file__).resolve().parents[1]
+    args = parse_arguments(["--config", str(repo / "configs" / "layout_sft.yaml")], environ={})
+    assert args.model.objective == "llada_sft" and not args.model.freeze_backbone and not args.model.use_lora
+    assert f"--model_name_or_path {args.train.output_dir}/model" in (repo / "docs" / "embedded_default.md").read_text()
