@@ -70,3 +70,23 @@ def test_lr_with_lora_is_accepted_and_without_a_reference_still_refused():
     assert args.weighting.loss_weighting == "lr"
     with pytest.raises(UsageError, match="--loss_weighting lr"):
         parse_arguments(["--no_freeze_backbone", "--loss_weighting", "lr"])
+
+
+def test_a_lora_hybrid_trains_only_the_adapters_and_the_head_and_its_checkpoint_reproduces_it(tmp_path):
+    """Unfreezing a LoRA backbone must not make its base weights trainable: the checkpoint holds the adapters only,
+    so a trained base weight would be lost on saving."""
+    model, pristine = lora_hybrid()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("head.") or "lora_" in name for name in trainable)
+    objective = HybridObjective(model.config, TruncationConfig(), WeightingConfig())
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    objective(model, batch(), None).loss_sum.backward()
+    optimizer.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "model")
+    base = copy.deepcopy(pristine)
+    reloaded = LLaDATRMHybrid.from_pretrained(
+        tmp_path / "model", backbone=peft.PeftModel.from_pretrained(base, tmp_path / "model" / "backbone")).eval()
+    inputs = {k: batch()[k] for k in INPUTS}
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).step_token_loss, reloaded(**inputs).step_token_loss)

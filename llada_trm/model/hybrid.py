@@ -82,10 +82,14 @@ class LLaDATRMHybrid(PreTrainedModel):
         """Nothing to initialise: the backbone comes pretrained and the head initialises itself."""
 
     def set_backbone_frozen(self, frozen: bool) -> None:
+        """Frozen: no backbone weight is trained and the backbone runs in eval mode under no_grad. Unfrozen: the
+        backbone runs with gradients; a LoRA backbone (peft) keeps training only its adapters, as peft set it up."""
         self.config.freeze_backbone = frozen
-        self.backbone.requires_grad_(not frozen)
         if frozen:
+            self.backbone.requires_grad_(False)
             self.backbone.eval()
+        elif not hasattr(self.backbone, "peft_config"):
+            self.backbone.requires_grad_(True)
 
     def train(self, mode: bool = True):
         super().train(mode)
