@@ -14,6 +14,8 @@ from pathlib import Path
 import datasets
 
 from llada_trm.data.arguments import ALIAS_HUB_NAMES, DataArguments, parse_split
+from llada_trm.embedded.arithmetic_task import SPLITS as SYNTHETIC_SPLITS
+from llada_trm.embedded.arithmetic_task import generate_split
 from llada_trm.env_flags import env_flag
 
 LOCAL_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -52,10 +54,6 @@ def _bound(spec: str | None, n: int) -> int | None:
 
 
 def _load_synthetic(split: str, args: DataArguments) -> datasets.Dataset:
-    # Imported here so that `python -m llada_trm.synthetic` does not find its module already imported.
-    from llada_trm.embedded.arithmetic_task import SPLITS as SYNTHETIC_SPLITS
-    from llada_trm.embedded.arithmetic_task import generate_split
-
     if split not in SYNTHETIC_SPLITS:
         raise DataError(f"the synthetic data set has splits {sorted(SYNTHETIC_SPLITS)}, not {split!r}")
     num = args.num_synthetic_train if split == "train" else args.num_synthetic_eval
