@@ -55,8 +55,9 @@ class WeightingConfig:
             )
         if self.loss_weighting == "lr" and not has_frozen_reference:
             raise WeightingConfigError(
-                "--loss_weighting lr needs a frozen backbone as its reference model (p_ref is the frozen "
-                "backbone's label probability); freeze the backbone or choose another --loss_weighting"
+                "--loss_weighting lr needs a reference model: the frozen backbone, or under --use_lora the "
+                "backbone with its adapters disabled; freeze the backbone, add --use_lora, or choose another "
+                "--loss_weighting"
             )
 
 
