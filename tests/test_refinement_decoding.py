@@ -167,7 +167,7 @@ def test_answer_close_split_over_tokens_is_found_in_the_text(shipped_tokenizer):
 
 def test_prompts_with_the_marker_are_kept_and_questions_rendered(shipped_tokenizer):
     from llada_trm.data.layout import render_prompt
-    from llada_trm.inference.chunk_decoding import prompt_token_lists
+    from llada_trm.inference.prompts import prompt_token_lists
 
     bos = shipped_tokenizer.bos_token_id
     expected = [bos, *shipped_tokenizer(render_prompt("Mia has 3 apples."), add_special_tokens=False)["input_ids"]]

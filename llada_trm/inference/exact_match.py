@@ -21,13 +21,8 @@ from collections.abc import Callable
 from tqdm.auto import tqdm
 
 from llada_trm.data.layout import ANSWER_CLOSE, extract_answer
-from llada_trm.inference.chunk_decoding import (
-    DecodingSettings,
-    generate_with_refinement,
-    left_pad,
-    single_token_id,
-    token_stop,
-)
+from llada_trm.inference.chunk_decoding import DecodingSettings, generate_with_refinement, token_stop
+from llada_trm.inference.prompts import left_pad, single_token_id
 from llada_trm.inference.sampler import generate
 
 DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
