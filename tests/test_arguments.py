@@ -78,3 +78,13 @@ def test_layout_sft_config_trains_the_whole_backbone_with_llada_sft():
     args = parse_arguments(["--config", str(repo / "configs" / "layout_sft.yaml")], environ={})
     assert args.model.objective == "llada_sft" and not args.model.freeze_backbone and not args.model.use_lora
     assert f"--model_name_or_path {args.train.output_dir}/model" in (repo / "docs" / "embedded_default.md").read_text()
+
+
+def test_a_yaml_integer_for_a_float_setting_is_a_float(tmp_path):
+    """YAML writes 1 for 1.0; the hybrid's strict config would refuse the int."""
+    config = tmp_path / "run.yaml"
+    config.write_text("deep_supervision_weight: 1\nunmasked_chunk_weight: 0\nchunk_size: 8\n")
+    args = parse_arguments(["--config", str(config)], environ={})
+    hybrid = hybrid_config(args.model)
+    assert (hybrid.deep_supervision_weight, hybrid.unmasked_chunk_weight, hybrid.chunk_size) == (1.0, 0.0, 8)
+    assert type(hybrid.deep_supervision_weight) is float and type(hybrid.chunk_size) is int

@@ -155,16 +155,16 @@ def test_llada_sft_baseline_trains_the_backbone(backbone_dir, tmp_path):
 
 
 def test_llada_sft_run_is_scored_with_the_sampler_and_a_frozen_backbone_once(backbone_dir, tmp_path, monkeypatch):
-    import llada_trm.training.trainer as trainer_module
+    import llada_trm.training.held_out as held_out_module
 
     calls = []
-    real = trainer_module.fair_evaluation
+    real = held_out_module.fair_evaluation
 
     def counting(**kwargs):
         calls.append(sorted(kwargs["models"]))
         return real(**kwargs)
 
-    monkeypatch.setattr(trainer_module, "fair_evaluation", counting)
+    monkeypatch.setattr(held_out_module, "fair_evaluation", counting)
     sft = Trainer(parse_arguments(base_args(backbone_dir, tmp_path / "sft", "--max_steps", "2", "--objective",
                                             "llada_sft", "--no_freeze_backbone", "--eval_max_samples", "2",
                                             "--eval_max_new_tokens", "32", "--eval_steps", "1")))

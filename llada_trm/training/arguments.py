@@ -88,14 +88,9 @@ ModelArguments = dataclasses.make_dataclass(
 )
 
 
-def _yaml_number(value, kind):
-    # A YAML config may write 1 for 1.0; argparse converts only strings, and the strict config wants a float.
-    return float(value) if kind is float and isinstance(value, int) and not isinstance(value, bool) else value
-
-
 def hybrid_config(model: ModelArguments) -> HybridConfig:
     """The HybridConfig the flags describe. Raises HybridConfigError (named by field) for a setting out of range."""
-    settings = {name: _yaml_number(getattr(model, name), f.type) for name, f in HYBRID_FLAGS.items()}
+    settings = {name: getattr(model, name) for name in HYBRID_FLAGS}
     # LoRA trains adapters inside the backbone, so the hybrid must not freeze it as a whole.
     settings["freeze_backbone"] = model.freeze_backbone and not model.use_lora
     try:
@@ -182,11 +177,14 @@ def _yaml_defaults(parser: HfArgumentParser, path: str) -> dict:
         raise UsageError(f"--config {path}: invalid YAML ({error})") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of flag names to values")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UsageError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
-    return values
+    # argparse converts only the strings of the command line: YAML's `1` for a float flag must become 1.0 here
+    # (the hybrid's strict config refuses an int).
+    return {key: float(value) if actions[key].type is float and type(value) is int else value
+            for key, value in values.items()}
 
 
 def parse_arguments(argv: list[str] | None = None, environ=None) -> RunArguments:

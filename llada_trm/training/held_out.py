@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llada_trm.inference.exact_match import default_new_token_budget, scored_rows
+from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, scored_rows
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.training.arguments import RunArguments
@@ -53,9 +53,8 @@ def held_out_loss(trainer: Trainer) -> dict:
     return metrics
 
 
-def answer_accuracy(trainer: Trainer, fair_evaluation) -> dict:
-    """Exact-match metrics of every decoder (main process); the full evaluation goes to `trainer.fair_eval`.
-    `fair_evaluation` is inference/exact_match.py's scorer, passed in by the trainer."""
+def answer_accuracy(trainer: Trainer) -> dict:
+    """Exact-match metrics of every decoder (main process); the full evaluation goes to `trainer.fair_eval`."""
     t, m = trainer.args.train, trainer.args.model
     if trainer.eval_data is None or t.eval_max_samples == 0 or not trainer.accelerator.is_main_process:
         return {}

@@ -35,7 +35,6 @@ from transformers import get_scheduler
 from llada_trm.data.collator import ChunkMaskingCollator, mask_seed, pad_batch
 from llada_trm.data.dataset import prepare_dataset
 from llada_trm.grad_trace import build_grad_tracer
-from llada_trm.inference.exact_match import fair_evaluation
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.loading import load_backbone, load_tokenizer
 from llada_trm.training import held_out
@@ -248,8 +247,7 @@ class Trainer:
     def answer_accuracy(self) -> dict:
         """Fair exact match on the held-out problems (main process): the backbone with LLaDA's sampler and through
         the chunk decoder, and the hybrid with generate_with_refinement. Kept in `self.fair_eval` as well."""
-        # Looked up here at call time, so that this module's `fair_evaluation` is the one place to substitute it.
-        return held_out.answer_accuracy(self, fair_evaluation)
+        return held_out.answer_accuracy(self)
 
     def write_eval_results(self) -> Path | None:
         """`eval_results.json` in the run directory: the last fair evaluation (main process)."""
