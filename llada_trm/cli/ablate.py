@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from llada_trm.cli import EXIT_USAGE
 from llada_trm.cli.train import USER_ERRORS
 from llada_trm.training.arguments import parse_arguments
 from llada_trm.training.trainer import Trainer, TrainingError
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_ladder(options, rungs, extra)
     except (AblationUsageError, *USER_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     settings = {"command": command, "rungs": rungs, "epochs": options.epochs, "seed": options.seed,
                 "model_name_or_path": options.model_name_or_path, "extra": extra}
     summary = write_summary(rows, Path(options.output_dir) / SUMMARY_FILE, settings)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from torch.utils.flop_counter import FlopCounterMode
 
+from llada_trm.cli import EXIT_USAGE
 from llada_trm.cli.ablate import AblationUsageError, parse_extra, prepare_output, read_metrics, training_arguments
 from llada_trm.cli.train import USER_ERRORS
 from llada_trm.training.trainer import Trainer, TrainingError
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
     except (AblationUsageError, *USER_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     output = Path(options.output_dir)
     summary = {"command": command, "settings": vars(options),
                "headline": headline(runs), "runs": runs}

@@ -23,8 +23,6 @@ from llada_trm.inference.chunk_decoding import DecodingSettings
 from llada_trm.model.loading import resolve_device
 from llada_trm.model.modeling_llada import CheckpointMismatchError
 
-__all__ = ["EXIT_USAGE", "InferenceSetupError", "load_for_inference", "main"]  # the first three: older import path
-
 
 def format_trace(trace) -> str:
     lines = []

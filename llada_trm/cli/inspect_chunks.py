@@ -12,6 +12,7 @@ import sys
 import torch
 from transformers import HfArgumentParser
 
+from llada_trm.cli import EXIT_USAGE
 from llada_trm.data.arguments import DataArguments
 from llada_trm.data.collator import ChunkMaskingCollator
 from llada_trm.data.dataset import prepare_dataset
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                                               chunk_size=None if args.checkpoint else args.chunk_size)
     except (InferenceSetupError, CheckpointMismatchError, OSError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     chunk_size = model.config.chunk_size
     data_args = DataArguments(dataset_name=args.dataset_name, dataset_path=args.dataset_path,
                               max_length=args.max_length, max_samples=args.num_samples, eval_split=args.split)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare_dataset(data_args, tokenizer, chunk_size, args.split)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     collator = ChunkMaskingCollator(tokenizer.mask_token_id, tokenizer.pad_token_id, chunk_size,
                                     masking.mask_probability, seed=args.seed,
                                     partial_chunk_masking=masking.partial_chunk_masking)

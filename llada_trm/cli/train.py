@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from llada_trm.cli import EXIT_USAGE
 from llada_trm.data.arguments import DataArgumentError
 from llada_trm.data.sources import DataError
 from llada_trm.inference.exact_match import format_fair_table, prompt_ids_of
@@ -66,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_arguments(argv)
     except ValueError as error:  # includes UsageError and HfArgumentParser's unknown-flag message
-        return _fail(str(error), 2)
+        return _fail(str(error), EXIT_USAGE)
     try:
         trainer = Trainer(args)
         summary = trainer.train()
     except TrainingError as error:
         return _fail(str(error), 1)
     except USER_ERRORS as error:
-        return _fail(str(error), 2)
+        return _fail(str(error), EXIT_USAGE)
     print_summary(trainer, summary)
     return 0
 
