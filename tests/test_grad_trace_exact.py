@@ -6,6 +6,7 @@ from conftest import make_config
 
 from llada_trm import HybridConfig, LLaDAModelLM, LLaDATRMHybrid
 from llada_trm.grad_trace import TokenGradTracer
+from llada_trm.training.diffusion import forward_mask
 from llada_trm.training.losses import step_weights
 from llada_trm.training.objectives import HybridObjective, LLaDASFTObjective
 from llada_trm.training.truncation import TruncationConfig
@@ -51,6 +52,18 @@ def traced(records):
     tokens = [r for r in records if r["record"] == "token"]
     return (torch.tensor([r["raw_grad_norm"] for r in tokens], dtype=torch.float64),
             torch.tensor([r["alignment"] for r in tokens], dtype=torch.float64), tokens)
+
+
+def replayed_sft_losses(backbone, batch, seed: int = 1):
+    """Per-token CE (B, L) of the LLaDA SFT objective under the masks its generator (seeded `seed`) draws, and the
+    (rows, positions) of the masked tokens."""
+    is_response = batch["labels"] != -100
+    targets = batch["labels"].where(is_response, batch["input_ids"])
+    noisy, is_masked, _ = forward_mask(targets, is_response, 2, torch.Generator().manual_seed(seed))
+    logits = backbone(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    rows, positions = is_masked.nonzero(as_tuple=True)
+    return ce, rows, positions
 
 
 @pytest.mark.parametrize("params", [None, "head.out_proj", "head.blocks.0.k_proj,head.norm"])
@@ -133,14 +146,7 @@ def test_llada_sft_per_token_gradients_equal_per_token_autograd():
     norms, alignments, tokens = traced(records)
 
     # The same masks as the objective: replay its generator, and check the weights reproduce its loss.
-    from llada_trm.training.diffusion import forward_mask
-
-    is_response = batch["labels"] != -100
-    targets = batch["labels"].where(is_response, batch["input_ids"])
-    noisy, is_masked, _ = forward_mask(targets, is_response, 2, torch.Generator().manual_seed(1))
-    logits = backbone(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-    rows, positions = is_masked.nonzero(as_tuple=True)
+    ce, rows, positions = replayed_sft_losses(backbone, batch)
     weights = torch.tensor([r["loss_weight"] for r in tokens])
     objective_loss = objective(backbone, batch, torch.Generator().manual_seed(1)).loss_sum / 4
     torch.testing.assert_close((weights * ce[rows, positions]).sum(), objective_loss, rtol=1e-5, atol=1e-7)
@@ -173,14 +179,7 @@ def test_llada_sft_with_lora_adapters_equals_per_token_autograd():
     assert any("q_proj.lora_A" in n for n in tracer.fast) and any("v_proj.lora_B" in n for n in tracer.general)
     norms, alignments, tokens = traced(tracer.trace(backbone, batch, torch.Generator().manual_seed(1), step=1))
 
-    from llada_trm.training.diffusion import forward_mask
-
-    is_response = batch["labels"] != -100
-    targets = batch["labels"].where(is_response, batch["input_ids"])
-    noisy, is_masked, _ = forward_mask(targets, is_response, 2, torch.Generator().manual_seed(1))
-    logits = backbone(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-    rows, positions = is_masked.nonzero(as_tuple=True)
+    ce, rows, positions = replayed_sft_losses(backbone, batch)
     weights = torch.tensor([r["loss_weight"] for r in tokens])
     want_norms, want_alignments = reference(backbone, list(ce[rows, positions]), weights, tracer.chosen)
     torch.testing.assert_close(norms, want_norms, rtol=1e-4, atol=1e-9)
