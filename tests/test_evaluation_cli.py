@@ -31,6 +31,13 @@ QUESTIONS = ["Mia has 3 apples.", "Leo finds 4 coins.", "Ava has 2 books and buy
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
+# Every question a test below decodes: the fixture trains on these and checks its margin on them.
+DECODED_QUESTIONS = QUESTIONS + ["Zoe has 9 shells.", "Ava has 2 books."]
+SAMPLER_LENGTHS = (8, 12, 16, 20, 24)  # new-token budgets the sampler is run with below (multiples of CHUNK)
+MARGIN = 3.0  # logit gap to the runner-up at every masked position: far beyond float rounding across machines
+MAX_TRAIN_STEPS = 1500
+
+
 def prompt_ids(tokenizer, question: str) -> list[int]:
     return [tokenizer.bos_token_id, *tokenizer(render_prompt(question), add_special_tokens=False)["input_ids"]]
 
@@ -41,44 +48,87 @@ def prepared_row(tokenizer, question: str, reasoning_ids: list[int], answer: str
     return dict(row, answer=answer)
 
 
+def right_padded(rows: list[dict], name: str, fill: int) -> torch.Tensor:
+    width = max(len(r[name]) for r in rows)
+    return torch.tensor([r[name] + [fill] * (width - len(r[name])) for r in rows])
+
+
+def decoder_states(tokenizer, target: list[int]) -> tuple[dict, dict]:
+    """(block-causal batch, bidirectional batch): every state the two decoders visit on DECODED_QUESTIONS.
+
+    Block-causal (the chunk decoder): the answer chunk with any subset of it masked. Bidirectional (LLaDA's
+    sampler, blocks of CHUNK, each budget of SAMPLER_LENGTHS): the first block with any subset masked and the
+    rest masked, then the first block committed with the rest masked or half committed. `labels` is the answer
+    at masked positions and -100 elsewhere, so a margin over it is a margin over every prediction the decoders
+    commit, whichever order confidences pick.
+    """
+    mask_id, eos = tokenizer.mask_token_id, tokenizer.eos_token_id
+    subsets = [[p for p in range(CHUNK) if bits >> p & 1] for bits in range(1, 2 ** CHUNK)]
+
+    def state(prompt: list[int], answer: list[int], masked: set[int], **extra) -> dict:
+        return dict(input_ids=prompt + [mask_id if i in masked else t for i, t in enumerate(answer)],
+                    labels=[-100] * len(prompt) + [t if i in masked else -100 for i, t in enumerate(answer)],
+                    attention_mask=[1] * (len(prompt) + len(answer)), **extra)
+
+    block_causal, bidirectional = [], []
+    for question in DECODED_QUESTIONS:
+        row = prepared_row(tokenizer, question, target, "7")
+        prompt_length = row["chunk_index"].index(0)
+        prompt, answer = row["input_ids"][:prompt_length], row["input_ids"][prompt_length:]
+        for subset in subsets:
+            block_causal.append(dict(state(prompt, answer, set(subset)),
+                                     attention_mask=row["attention_mask"], chunk_index=row["chunk_index"]))
+        prompt = prompt_ids(tokenizer, question)
+        for length in SAMPLER_LENGTHS:
+            answer = target + [eos] * (length - len(target))
+            rest = set(range(CHUNK, length))
+            bidirectional += [state(prompt, answer, set(subset) | rest) for subset in subsets]
+            bidirectional.append(state(prompt, answer, set(range(CHUNK + (length - CHUNK) // 2, length))))
+    batch = lambda rows, **fills: {name: right_padded(rows, name, fill) for name, fill in fills.items()}  # noqa: E731
+    return (batch(block_causal, input_ids=eos, labels=-100, attention_mask=0, chunk_index=-1),
+            batch(bidirectional, input_ids=eos, labels=-100, attention_mask=0))
+
+
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Smallest (label logit - best other logit) over the supervised positions."""
+    supervised = labels != -100
+    logits, labels = logits[supervised], labels[supervised]
+    right = logits.gather(1, labels[:, None]).squeeze(1)
+    return (right - logits.scatter(1, labels[:, None], -torch.inf).amax(dim=1)).min()
+
+
 @pytest.fixture(scope="module")
 def answering_model(shipped_tokenizer) -> LLaDATRMHybrid:
-    """A tiny backbone overfitted to reason `<answer>7</answer>` in one chunk after any question; the head is
-    fresh (zero out_proj), so hybrid and backbone answer the same."""
+    """A tiny backbone trained to reason `<answer>7</answer>` in one chunk after any question below, by a logit
+    margin of MARGIN in every state either decoder visits; the head is fresh (zero out_proj), so hybrid and
+    backbone answer the same. The margin, not the exact weights, is what makes the answers hold on any machine."""
     torch.manual_seed(0)
     vocab = shipped_vocab_size(shipped_tokenizer)
     backbone = LLaDAModelLM(make_config(vocab_size=vocab, embedding_size=vocab, max_sequence_length=128))
     target = shipped_tokenizer("<answer>7</answer>", add_special_tokens=False)["input_ids"]
-    rows = [prepared_row(shipped_tokenizer, q, target, "7") for q in QUESTIONS]
-    width = max(len(r["input_ids"]) for r in rows)
-
-    def column(name, fill):
-        return torch.tensor([r[name] + [fill] * (width - len(r[name])) for r in rows])
-
-    labels, chunk_index = column("labels", -100), column("chunk_index", -1)
-    masked = torch.full_like(labels, shipped_tokenizer.mask_token_id)
-    inputs = torch.where(labels != -100, masked, column("input_ids", 1))
-    attention = column("attention_mask", 0)
-    # LLaDA's sampler sees a longer masked tail than one chunk: teach it EOS there, as LLaDA's SFT data does.
-    tail = 3 * CHUNK  # the sampler rows below decode 4 * CHUNK new tokens, as trained here
-    tail_inputs = torch.cat((inputs, torch.full((len(rows), tail), shipped_tokenizer.mask_token_id)), dim=1)
-    tail_labels = torch.cat((labels, torch.full((len(rows), tail), shipped_tokenizer.eos_token_id)), dim=1)
-    tail_attention = torch.cat((attention, torch.ones(len(rows), tail, dtype=torch.long)), dim=1)
+    block_causal, bidirectional = decoder_states(shipped_tokenizer, target)
     optimizer = torch.optim.Adam(backbone.parameters(), lr=1e-2)
-    for _ in range(400):
-        # Block-causal (the chunk decoder) and bidirectional (LLaDA's sampler), so both decoders answer 7.
-        block_causal = backbone(input_ids=inputs, attention_mask=attention, chunk_index=chunk_index).logits
-        bidirectional = backbone(input_ids=tail_inputs, attention_mask=tail_attention).logits
-        loss = (torch.nn.functional.cross_entropy(block_causal.flatten(0, 1), labels.flatten())
-                + torch.nn.functional.cross_entropy(bidirectional.flatten(0, 1), tail_labels.flatten()))
+    margin = -torch.inf
+    for step in range(MAX_TRAIN_STEPS):
+        causal_logits = backbone(**{k: v for k, v in block_causal.items() if k != "labels"}).logits
+        full_logits = backbone(input_ids=bidirectional["input_ids"],
+                               attention_mask=bidirectional["attention_mask"]).logits
+        margin = min(logit_margin(causal_logits, block_causal["labels"]),
+                     logit_margin(full_logits, bidirectional["labels"])).item()
+        if margin >= MARGIN:
+            break
+        loss = (torch.nn.functional.cross_entropy(causal_logits.flatten(0, 1), block_causal["labels"].flatten())
+                + torch.nn.functional.cross_entropy(full_logits.flatten(0, 1), bidirectional["labels"].flatten()))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    assert margin >= MARGIN, f"training reached a logit margin of {margin:.2f} in {MAX_TRAIN_STEPS} steps, " \
+                             f"below the {MARGIN} the answers need"
     config = HybridConfig(chunk_size=CHUNK, max_recursive_steps=2, min_recursive_steps=1, head_hidden_size=16,
                           head_heads=2)
     model = LLaDATRMHybrid(config, backbone=backbone.eval()).eval()
-    out = model.generate_with_refinement(QUESTIONS + ["Zoe has 9 shells."], tokenizer=shipped_tokenizer, max_length=100)
-    assert out.texts == ["<answer>7</answer>"] * 4, "the overfitted model should answer 7"
+    out = model.generate_with_refinement(DECODED_QUESTIONS, tokenizer=shipped_tokenizer, max_length=100)
+    assert out.texts == ["<answer>7</answer>"] * len(DECODED_QUESTIONS), "the trained model should answer 7"
     rows = [prompt_ids(shipped_tokenizer, q) for q in QUESTIONS]
     width = max(map(len, rows))
     ids = torch.tensor([[1] * (width - len(r)) + r for r in rows])

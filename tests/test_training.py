@@ -81,6 +81,21 @@ def test_exact_resume_matches_the_uninterrupted_run(backbone_dir, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_resume_with_a_changed_architecture_flag_stops_before_training(backbone_dir, tmp_path, capsys):
+    assert main(base_args(backbone_dir, tmp_path, "--max_steps", "2", "--chunk_size", "16")) == 0
+    metrics_before = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    code = main(base_args(backbone_dir, tmp_path, "--max_steps", "4", "--chunk_size", "8",
+                          "--resume_from_checkpoint", "latest"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--chunk_size 16" in err[0] and "--chunk_size 8" in err[0] and "Traceback" not in err[0]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]  # nothing trained or saved
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics_before
+    assert main(base_args(backbone_dir, tmp_path, "--max_steps", "3", "--chunk_size", "16",
+                          "--resume_from_checkpoint", "latest")) == 0  # the saved value resumes
+
+
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(backbone_dir, tmp_path, monkeypatch):
     trainer = Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "4", "--save_steps", "2")))
     trainer.train(until_step=2)

@@ -121,6 +121,25 @@ def resolve_resume(spec: str | None, output_dir: str, say=print, run_id: str | N
     return None
 
 
+# Hybrid settings that shape the model or its training recursion: a resume that changes one would not continue
+# the saved run (the weights may even load), so it is refused.
+ARCHITECTURE_FIELDS = ("chunk_size", "head_hidden_size", "head_layers", "head_heads", "head_mlp_hidden_size",
+                       "head_rope_theta", "head_rms_norm_eps", "latent_steps", "max_recursive_steps",
+                       "detach_between_steps", "freeze_backbone")
+
+
+def architecture_changes(checkpoint: Path, config) -> list[tuple[str, object, object]]:
+    """(field, saved value, this run's value) for each ARCHITECTURE_FIELDS entry on which the hybrid saved in
+    `checkpoint`/model differs from `config` (this run's HybridConfig; a None field is derived from the backbone
+    later and not compared); empty when the checkpoint holds no hybrid."""
+    saved = check_json(Path(checkpoint) / "model" / "config.json")
+    if saved.get("model_type") != config.model_type:
+        return []
+    current = {name: getattr(config, name) for name in ARCHITECTURE_FIELDS}
+    return [(name, saved[name], value) for name, value in current.items()
+            if value is not None and name in saved and saved[name] != value]
+
+
 def trainable_prefixes(model) -> tuple[str, ...]:
     """State-dict prefixes that a checkpoint must keep: a frozen backbone is restored from its own source."""
     frozen = getattr(getattr(model, "config", None), "freeze_backbone", False) and hasattr(model, "head")

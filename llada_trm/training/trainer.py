@@ -39,7 +39,13 @@ from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.loading import load_backbone, load_tokenizer
 from llada_trm.training import held_out
 from llada_trm.training.arguments import RunArguments, UsageError, hybrid_config
-from llada_trm.training.checkpointing import load_checkpoint, register_state_hooks, resolve_resume, save_checkpoint
+from llada_trm.training.checkpointing import (
+    architecture_changes,
+    load_checkpoint,
+    register_state_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
 from llada_trm.training.debug_view import debug_enabled, format_chunk_inspection
 from llada_trm.training.objectives import HybridObjective, LLaDASFTObjective
 from llada_trm.training.run_directory import claim_run_directory, precheck_run_directory, release_lock, trim_logs
@@ -111,6 +117,7 @@ class Trainer:
         self.say = print if acc.is_main_process else (lambda *a, **k: None)
         # Before anything is loaded: a run directory that cannot be used fails fast.
         precheck_run_directory(t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir, acc.is_main_process)
+        self._refuse_changed_architecture()
         self.tokenizer = load_tokenizer(m.model_name_or_path)
         self.train_data, self.eval_data = self._prepare_data()
         self.model = build_model(args)
@@ -273,6 +280,20 @@ class Trainer:
                              f"run's {self.total_steps} steps; raise --max_steps or resume another checkpoint")
         self._trim_logs(self.state.global_step)
         self.say(f"resumed from {checkpoint} at step {self.state.global_step}")
+
+    def _refuse_changed_architecture(self) -> None:
+        """A resume whose hybrid flags change the model or its recursion stops here, before data or model load."""
+        t, m = self.args.train, self.args.model
+        if m.objective != "hybrid" or not t.resume_from_checkpoint:
+            return
+        checkpoint = resolve_resume(t.resume_from_checkpoint, t.output_dir, say=lambda *_: None)
+        if checkpoint is None:
+            return
+        changes = architecture_changes(checkpoint, hybrid_config(m))
+        if changes:
+            name, saved, current = changes[0]
+            raise UsageError(f"--resume_from_checkpoint {checkpoint} was saved with --{name} {saved}, this run has "
+                             f"--{name} {current}: resume with the saved value, or start a new run")
 
     def _trim_logs(self, step: int) -> None:
         if self.accelerator.is_main_process:
