@@ -3,6 +3,11 @@
 Blocks: the prompt (and padding) is block 0, reasoning chunk k is block k + 1. A query in block b sees the
 keys of blocks 0..b that are not padding. The mask is built here from `chunk_index` (-1 for prompt and pad,
 k for reasoning chunk k) and the key-padding `attention_mask`, so collators never ship L x L masks.
+
+Clean context (block diffusion, as in BD3-LM): a sequence may hold the clean reasoning chunks (x_0) followed by a
+noisy copy of them (x_t), marked by `noisy_copy`, both with the same chunk indices and positions. A noisy chunk k
+then sees the prompt, the clean chunks before k and its own noisy copy: exactly the context the chunk decoder
+shows it, with every chunk of a sequence trained in one pass.
 """
 
 from __future__ import annotations
@@ -13,22 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llada_trm.model.block_rule import block_rule
 from llada_trm.model.flex_attention import flex_attend, is_block_mask
 
 
-def block_ids(chunk_index: Tensor) -> Tensor:
-    """Block of every position: 0 for prompt and pad (chunk_index -1), k + 1 for reasoning chunk k."""
-    return chunk_index + 1
-
-
-def attention_allowed(query_blocks: Tensor, key_blocks: Tensor, key_is_real: Tensor) -> Tensor:
+def attention_allowed(query_blocks: Tensor, key_blocks: Tensor, key_is_real: Tensor,
+                      query_is_noisy: Tensor | None = None, key_is_noisy: Tensor | None = None) -> Tensor:
     """Boolean mask (B, 1, Lq, Lk), True where the query may attend to the key.
 
     The queries are the last Lq of the Lk keys (a KV cache holds the first Lk - Lq). Every query may attend to
     its own position, so that a padding query, whose keys are all masked, does not turn into NaN in SDPA.
+    query_is_noisy (B, Lq) / key_is_noisy (B, Lk): the clean-context copies (module docstring), or None.
     """
     num_queries, num_keys = query_blocks.shape[1], key_blocks.shape[1]
-    allowed = (key_blocks[:, None, :] <= query_blocks[:, :, None]) & key_is_real[:, None, :].bool()
+    noisy = (None, None) if query_is_noisy is None else (query_is_noisy[:, :, None], key_is_noisy[:, None, :])
+    allowed = block_rule(query_blocks[:, :, None], key_blocks[:, None, :], *noisy) & key_is_real[:, None, :].bool()
     own_position = torch.eye(num_queries, dtype=torch.bool, device=allowed.device)
     allowed[:, :, num_keys - num_queries :] |= own_position
     return allowed[:, None]

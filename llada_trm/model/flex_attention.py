@@ -21,6 +21,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from llada_trm.model.block_rule import block_rule
+
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 except ImportError:  # torch < 2.5
@@ -63,8 +65,10 @@ def is_block_mask(mask: object) -> bool:
     return BlockMask is not None and isinstance(mask, BlockMask)
 
 
-def block_causal_block_mask(query_blocks: Tensor, key_blocks: Tensor, key_is_real: Tensor) -> "BlockMask":
-    """The block mask of `attention_allowed`: the queries are the last Lq of the Lk keys."""
+def block_causal_block_mask(query_blocks: Tensor, key_blocks: Tensor, key_is_real: Tensor,
+                            noisy_copy: Tensor | None = None) -> "BlockMask":
+    """The block mask of `attention_allowed`: the queries are the last Lq of the Lk keys. noisy_copy (B, L):
+    the clean-context copies (no cache then, so queries and keys are the same positions)."""
     batch, num_queries = query_blocks.shape
     num_keys = key_blocks.shape[1]
     offset = num_keys - num_queries
@@ -72,7 +76,8 @@ def block_causal_block_mask(query_blocks: Tensor, key_blocks: Tensor, key_is_rea
 
     def mask_mod(b, h, q, k):
         own_position = k == q + offset
-        return ((key_blocks[b, k] <= query_blocks[b, q]) & key_is_real[b, k]) | own_position
+        noisy = () if noisy_copy is None else (noisy_copy[b, q], noisy_copy[b, k])
+        return (block_rule(query_blocks[b, q], key_blocks[b, k], *noisy) & key_is_real[b, k]) | own_position
 
     return create_block_mask(mask_mod, batch, None, num_queries, num_keys, device=query_blocks.device)
 

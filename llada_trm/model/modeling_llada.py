@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from llada_trm.model.attention import KVCache, attend, attention_allowed, block_ids
+from llada_trm.model.attention import KVCache, attend, attention_allowed
+from llada_trm.model.block_rule import block_ids
 from llada_trm.model.configuration_llada import LLaDAConfig
 from llada_trm.model.flex_attention import block_causal_block_mask, use_flex
 
@@ -113,10 +114,14 @@ def attention_context(
     chunk_index: Tensor | None = None,
     position_ids: Tensor | None = None,
     past: KVCache | None = None,
+    noisy_copy: Tensor | None = None,
 ) -> AttentionContext:
     """Build the masks of one call. `attention_mask` (B, L) and `chunk_index` (B, L) describe the L positions of
-    this call only; the cache carries those of the earlier positions."""
+    this call only; the cache carries those of the earlier positions. noisy_copy (B, L) bool marks the noisy copy
+    of clean-context training (attention.py); it needs chunk_index and explicit position_ids, and no cache."""
     past_length = past.length if past is not None else 0
+    if noisy_copy is not None and (chunk_index is None or position_ids is None or past is not None):
+        raise ValueError("noisy_copy needs chunk_index and position_ids (the clean positions), and no KV cache")
     if position_ids is None:
         position_ids = torch.arange(past_length, past_length + length, device=device).expand(batch, length)
     is_real = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -129,9 +134,10 @@ def attention_context(
     needs_mask = chunk_index is not None or not bool(key_is_real.all())
     allowed = None
     if needs_mask and use_flex(is_real.device, past_length, head_dim):
-        allowed = block_causal_block_mask(blocks_now, key_blocks, key_is_real)
+        allowed = block_causal_block_mask(blocks_now, key_blocks, key_is_real, noisy_copy)
     elif needs_mask:
-        allowed = attention_allowed(blocks_now, key_blocks, key_is_real)
+        noisy = () if noisy_copy is None else (noisy_copy.bool(), noisy_copy.bool())
+        allowed = attention_allowed(blocks_now, key_blocks, key_is_real, *noisy)
     return AttentionContext(allowed, rope_cos_sin(position_ids, head_dim, rope_theta), key_blocks, key_is_real)
 
 
@@ -238,10 +244,12 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         use_cache: bool = False,
         output_hidden_states: bool = False,
         return_logits: bool = True,
+        noisy_copy: Tensor | None = None,
         **unused,
     ) -> LLaDAOutput:
         """input_ids (B, L) or inputs_embeds (B, L, d); attention_mask (B, L) 1 = real token (this call's
-        positions only when a cache is passed); chunk_index (B, L) switches on block-causal attention."""
+        positions only when a cache is passed); chunk_index (B, L) switches on block-causal attention;
+        noisy_copy (B, L) bool marks the noisy copy of clean-context training (model/attention.py)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         transformer = self.model.transformer
@@ -251,6 +259,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         context = attention_context(
             batch, length, self.config.head_dim, self.config.rope_theta, device=x.device,
             attention_mask=attention_mask, chunk_index=chunk_index, position_ids=position_ids, past=past_key_values,
+            noisy_copy=noisy_copy,
         )
         x, cache = run_blocks(transformer.blocks, x, context, past_key_values, use_cache, checkpoint_fn)
         hidden = transformer.ln_f(x)

@@ -1,0 +1,93 @@
+"""Clean-context (block diffusion) attention: the noisy copy of chunk k sees the prompt, the clean chunks before k
+and itself, exactly as when that context is run alone; the clean copy is untouched by the noisy one."""
+
+import pytest
+import torch
+from conftest import make_config
+
+from llada_trm import LLaDAModelLM
+from llada_trm.model import flex_attention as flex
+
+PROMPT, CHUNK, CHUNKS, MASK = 5, 4, 3, 2
+CLOSE = dict(rtol=1e-5, atol=1e-5)
+
+
+def two_copy_batch(generator: torch.Generator, pads=(0, 2)) -> dict:
+    """[pads][prompt][x_0 chunks][x_t chunks] per row, with x_t = x_0 with some tokens masked."""
+    rows = []
+    for pad in pads:
+        prompt = torch.randint(3, 64, (PROMPT - pad,), generator=generator)
+        clean = torch.randint(3, 64, (CHUNKS * CHUNK,), generator=generator)
+        noisy = torch.where(torch.rand(clean.shape, generator=generator) < 0.5, MASK, clean)
+        rows.append((pad, prompt, clean, noisy))
+    chunks = torch.arange(CHUNKS).repeat_interleave(CHUNK)
+    batch = {name: [] for name in ("input_ids", "attention_mask", "chunk_index", "position_ids", "noisy_copy")}
+    for pad, prompt, clean, noisy in rows:
+        batch["input_ids"].append(torch.cat((torch.ones(pad, dtype=torch.long), prompt, clean, noisy)))
+        batch["attention_mask"].append(torch.cat((torch.zeros(pad), torch.ones(PROMPT - pad + 2 * CHUNKS * CHUNK))))
+        batch["chunk_index"].append(torch.cat((torch.full((PROMPT,), -1), chunks, chunks)))
+        clean_positions = torch.arange(PROMPT + CHUNKS * CHUNK)
+        batch["position_ids"].append(torch.cat((clean_positions, clean_positions[PROMPT:])))
+        batch["noisy_copy"].append(torch.arange(PROMPT + 2 * CHUNKS * CHUNK) >= PROMPT + CHUNKS * CHUNK)
+    return {name: torch.stack(values).long() if name != "noisy_copy" else torch.stack(values)
+            for name, values in batch.items()}
+
+
+def alone(model, batch: dict, k: int) -> torch.Tensor:
+    """Logits (B, CHUNK, V) of noisy chunk k run after the prompt and the clean chunks before k, nothing else."""
+    clean_end, noisy_start = PROMPT + k * CHUNK, PROMPT + (CHUNKS + k) * CHUNK
+    keep = torch.cat((torch.arange(clean_end), torch.arange(noisy_start, noisy_start + CHUNK)))
+    logits = model(input_ids=batch["input_ids"][:, keep], attention_mask=batch["attention_mask"][:, keep],
+                   chunk_index=batch["chunk_index"][:, keep]).logits
+    return logits[:, -CHUNK:]
+
+
+@pytest.fixture
+def model() -> LLaDAModelLM:
+    torch.manual_seed(0)
+    return LLaDAModelLM(make_config(n_layers=3)).eval()
+
+
+def test_each_noisy_chunk_equals_its_clean_context_run_alone(model):
+    batch = two_copy_batch(torch.Generator().manual_seed(0))
+    logits = model(**batch).logits
+    for k in range(CHUNKS):
+        start = PROMPT + (CHUNKS + k) * CHUNK
+        torch.testing.assert_close(logits[:, start:start + CHUNK], alone(model, batch, k), **CLOSE)
+    clean = slice(0, PROMPT + CHUNKS * CHUNK)  # the clean copy: plain block-causal, blind to the noisy copy
+    plain = model(input_ids=batch["input_ids"][:, clean], attention_mask=batch["attention_mask"][:, clean],
+                  chunk_index=batch["chunk_index"][:, clean]).logits
+    real = batch["attention_mask"][:, clean].bool()
+    torch.testing.assert_close(logits[:, clean][real], plain[real], **CLOSE)
+
+
+def test_noisy_chunks_do_not_see_each_other(model):
+    batch = two_copy_batch(torch.Generator().manual_seed(1))
+    changed = {name: value.clone() for name, value in batch.items()}
+    first_noisy = PROMPT + CHUNKS * CHUNK
+    changed["input_ids"][:, first_noisy:first_noisy + CHUNK] = 7  # another noisy chunk 0
+    before, after = model(**batch).logits, model(**changed).logits
+    torch.testing.assert_close(before[:, first_noisy + CHUNK:], after[:, first_noisy + CHUNK:], **CLOSE)
+    assert not torch.allclose(before[:, first_noisy:first_noisy + CHUNK], after[:, first_noisy:first_noisy + CHUNK])
+
+
+def test_noisy_copy_needs_chunk_index_and_positions(model):
+    batch = two_copy_batch(torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="noisy_copy needs chunk_index and position_ids"):
+        model(input_ids=batch["input_ids"], noisy_copy=batch["noisy_copy"])
+
+
+@pytest.mark.skipif(not flex.flex_available(), reason="this torch build has no FlexAttention")
+def test_flex_block_mask_equals_the_dense_mask(model):
+    batch = two_copy_batch(torch.Generator().manual_seed(3))
+    before = flex.attention_backend()
+    try:
+        flex.set_attention_backend("sdpa")
+        dense = model(**batch).logits
+        flex.set_attention_backend("flex")
+        with torch.no_grad():
+            flexed = model(**batch).logits
+    finally:
+        flex.set_attention_backend(before)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(flexed[real], dense[real], **CLOSE)
