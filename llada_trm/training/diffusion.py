@@ -1,4 +1,5 @@
-"""LLaDA's masked-diffusion objectives: forward masking, the pretraining loss and the plain SFT loss.
+"""LLaDA's masked-diffusion objectives: forward masking, the pretraining loss, the plain SFT loss and the
+clean-context inputs of block diffusion (the block-causal adaptation of a backbone).
 
 One t ~ U(0, 1) per sequence, p_mask = (1 - eps) t + eps, and every eligible token is replaced by the mask
 token with probability p_mask. Losses divide each masked token's cross-entropy by p_mask (the ELBO weight).
@@ -53,3 +54,31 @@ def masked_token_accuracy(
     noisy = torch.where(is_masked, torch.full_like(input_ids, mask_token_id), input_ids)
     predicted = model(input_ids=noisy).logits.argmax(dim=-1)
     return (predicted[is_masked] == input_ids[is_masked]).float().mean().item()
+
+
+def clean_context_inputs(input_ids: Tensor, attention_mask: Tensor, chunk_index: Tensor, is_response: Tensor,
+                         mask_token_id: int, generator: torch.Generator | None = None) -> tuple[dict, Tensor, Tensor]:
+    """Block diffusion with clean context (BD3-LM): the batch (B, L), then a noisy copy of its reasoning chunks.
+
+    Each reasoning chunk of each row is masked at its own rate p = (1 - eps) t + eps, t ~ U(0, 1), so one pass
+    trains every chunk against the clean chunks before it, as the chunk decoder shows them. Returns the model
+    inputs (B, 2L) with `noisy_copy`, is_masked (B, L) and p_mask (B, L) of the noisy copy; the noisy copy's
+    prompt and pad positions are padding (attention 0).
+    """
+    batch, length = input_ids.shape
+    num_chunks = max(1, int(chunk_index.max()) + 1)
+    t = torch.rand(batch, num_chunks, generator=generator, device=input_ids.device)
+    p_mask = ((1 - MASK_EPS) * t + MASK_EPS).gather(1, chunk_index.clamp(min=0))
+    draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    is_masked = (draws < p_mask) & is_response.bool()
+    noisy = torch.where(is_masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    clean_copy = torch.zeros_like(is_masked)
+    inputs = dict(
+        input_ids=torch.cat((input_ids, noisy), dim=1),
+        attention_mask=torch.cat((attention_mask, attention_mask * is_response.long()), dim=1),
+        chunk_index=torch.cat((chunk_index, chunk_index), dim=1),
+        position_ids=torch.cat((positions, positions), dim=1),
+        noisy_copy=torch.cat((clean_copy, ~clean_copy), dim=1),
+    )
+    return inputs, is_masked, p_mask

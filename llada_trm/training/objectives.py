@@ -4,6 +4,9 @@
   Its normaliser N = sum tau c needs the forward pass when truncation is on; `pre_count` (sum c, known from
   the batch alone) lets the trainer scale the loss before backward, and corrects by pre/post afterwards.
 - `LLaDASFTObjective`: plain LLaDA SFT of the backbone alone (docs/architecture.md §7), the comparison baseline.
+- `BlockSFTObjective`: the same loss, block-causal with clean context: each reasoning chunk masked at its own rate
+  and predicted against the clean chunks before it (block diffusion). It adapts a backbone to the attention the
+  hybrid and the chunk decoder run it in.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llada_trm.training.diffusion import forward_mask, llada_sft_loss
+from llada_trm.training.diffusion import clean_context_inputs, forward_mask, llada_sft_loss
 from llada_trm.training.lora_reference import reference_label_prob
 from llada_trm.training.losses import chunk_token_weights, hybrid_loss
 from llada_trm.training.truncation import TruncationConfig, TruncationDecision, truncation_decisions
@@ -86,3 +89,20 @@ class LLaDASFTObjective:
         count = self.pre_count(batch)
         loss_sum = per_sequence_mean * count
         return MicroBatchResult(loss_sum, count, {"loss": float(per_sequence_mean.detach()), "masked_tokens": float(is_masked.sum())})
+
+
+class BlockSFTObjective(LLaDASFTObjective):
+    """Every reasoning chunk masked at its own rate and scored against the clean prompt and earlier chunks; the
+    LLaDA SFT loss (CE / p_mask over the response length, batch mean) on the noisy copy."""
+
+    def __call__(self, model, batch: dict, generator: torch.Generator | None, token_filters: bool = True
+                 ) -> MicroBatchResult:
+        is_response = batch["labels"] != -100
+        targets = batch["labels"].where(is_response, batch["input_ids"])
+        inputs, is_masked, p_mask = clean_context_inputs(targets, batch["attention_mask"], batch["chunk_index"],
+                                                         is_response, self.mask_token_id, generator)
+        noisy_logits = model(**inputs).logits[:, targets.shape[1]:]
+        per_sequence_mean = llada_sft_loss(noisy_logits, targets, is_masked, p_mask, is_response)
+        count = self.pre_count(batch)
+        return MicroBatchResult(per_sequence_mean * count, count,
+                                {"loss": float(per_sequence_mean.detach()), "masked_tokens": float(is_masked.sum())})

@@ -47,7 +47,7 @@ from llada_trm.training.checkpointing import (
     save_checkpoint,
 )
 from llada_trm.training.debug_view import debug_enabled, format_chunk_inspection
-from llada_trm.training.objectives import HybridObjective, LLaDASFTObjective
+from llada_trm.training.objectives import BlockSFTObjective, HybridObjective, LLaDASFTObjective
 from llada_trm.training.run_directory import claim_run_directory, precheck_run_directory, release_lock, trim_logs
 from llada_trm.training.run_log import MetricsLog, summarise, write_run_config
 from llada_trm.training.truncation import TruncationLogger
@@ -81,7 +81,7 @@ def build_model(args: RunArguments):
             raise UsageError("--use_lora needs the peft package: pip install peft") from None
         backbone = get_peft_model(backbone, LoraConfig(
             r=m.lora_r, lora_alpha=m.lora_alpha, target_modules=["q_proj", "k_proj", "v_proj", "attn_out"]))
-    if m.objective == "llada_sft":
+    if m.objective != "hybrid":  # llada_sft, block_sft: the backbone alone
         return backbone
     return LLaDATRMHybrid(hybrid_config(m), backbone)
 
@@ -159,9 +159,10 @@ class Trainer:
         """The objective, and the collators of the training and the held-out batches."""
         m, seed = self.args.model, self.args.train.seed
         mask_id, pad_id = self.tokenizer.mask_token_id, self.tokenizer.pad_token_id
-        if m.objective == "llada_sft":
+        if m.objective != "hybrid":
             pad_only = _PadOnly(pad_id, m.chunk_size)
-            return LLaDASFTObjective(mask_id), pad_only, pad_only
+            objective = BlockSFTObjective if m.objective == "block_sft" else LLaDASFTObjective
+            return objective(mask_id), pad_only, pad_only
 
         def masking_collator(seed: int) -> ChunkMaskingCollator:
             return ChunkMaskingCollator(mask_id, pad_id, m.chunk_size, m.mask_probability, seed=seed,
@@ -399,7 +400,7 @@ class Trainer:
 
 
 class _PadOnly:
-    """Collator of the llada_sft baseline: padding only (the objective masks tokens itself)."""
+    """Collator of the backbone objectives (llada_sft, block_sft): padding only (the objective masks tokens itself)."""
 
     def __init__(self, pad_token_id: int, chunk_size: int):
         self.pad_token_id, self.chunk_size = pad_token_id, chunk_size

@@ -1,0 +1,88 @@
+"""Block SFT (clean-context block diffusion): the loss equals a per-chunk reference that runs each noisy chunk after
+the prompt and the clean chunks before it; the embedded rebuild's full-attention batches have the stated tails."""
+
+import torch
+import torch.nn.functional as F
+from conftest import make_config
+
+from llada_trm import LLaDAModelLM
+from llada_trm.cli.pretrain import full_attention_batch
+from llada_trm.data.collator import pad_batch
+from llada_trm.data.dataset import layout_sample
+from llada_trm.training.diffusion import MASK_EPS, clean_context_inputs
+from llada_trm.training.objectives import BlockSFTObjective
+
+CHUNK, MASK, EOS = 4, 2, 1
+
+
+def layout_rows(generator: torch.Generator) -> list[dict]:
+    rows = []
+    for prompt_length, reasoning_length in ((5, 9), (3, 4), (6, 12)):
+        prompt = [0] + torch.randint(3, 64, (prompt_length - 1,), generator=generator).tolist()
+        reasoning = torch.randint(3, 64, (reasoning_length,), generator=generator).tolist()
+        rows.append(layout_sample(prompt, reasoning, chunk_size=CHUNK, max_length=64, pad_token_id=EOS,
+                                  eos_token_id=EOS))
+    return rows
+
+
+def reference_loss(model, batch: dict, is_masked: torch.Tensor, p_mask: torch.Tensor) -> torch.Tensor:
+    """Per row and chunk k: [prompt, clean chunks < k, noisy chunk k] alone, CE / p at its masked tokens; per row
+    divided by the response length, then the batch mean."""
+    per_row = []
+    for row in range(batch["input_ids"].shape[0]):
+        real = batch["attention_mask"][row].bool()
+        ids, chunk_index = batch["input_ids"][row][real], batch["chunk_index"][row][real]
+        masked, p = is_masked[row][real], p_mask[row][real]
+        total = torch.zeros(())
+        for k in range(int(chunk_index.max()) + 1):
+            context = chunk_index < k
+            in_chunk = chunk_index == k
+            noisy_chunk = torch.where(masked[in_chunk], MASK, ids[in_chunk])
+            inputs = torch.cat((ids[context], noisy_chunk))[None]
+            index = torch.cat((chunk_index[context], chunk_index[in_chunk]))[None]
+            logits = model(input_ids=inputs, chunk_index=index).logits[0, -int(in_chunk.sum()):]
+            ce = F.cross_entropy(logits, ids[in_chunk], reduction="none")
+            total = total + (ce / p[in_chunk])[masked[in_chunk]].sum()
+        per_row.append(total / (chunk_index >= 0).sum())
+    return torch.stack(per_row).mean()
+
+
+def test_block_sft_loss_equals_the_per_chunk_reference():
+    torch.manual_seed(0)
+    model = LLaDAModelLM(make_config(n_layers=2)).eval()
+    batch = pad_batch(layout_rows(torch.Generator().manual_seed(0)), EOS, CHUNK)
+    result = BlockSFTObjective(MASK)(model, batch, torch.Generator().manual_seed(5))
+    _, is_masked, p_mask = clean_context_inputs(batch["labels"].where(batch["labels"] != -100, batch["input_ids"]),
+                                                batch["attention_mask"], batch["chunk_index"],
+                                                batch["labels"] != -100, MASK, torch.Generator().manual_seed(5))
+    assert is_masked.any()
+    expected = reference_loss(model, batch, is_masked, p_mask)
+    torch.testing.assert_close(result.loss_sum / result.count, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_each_chunk_has_its_own_mask_rate_and_only_reasoning_is_masked():
+    batch = pad_batch(layout_rows(torch.Generator().manual_seed(1)), EOS, CHUNK)
+    is_response = batch["labels"] != -100
+    inputs, is_masked, p_mask = clean_context_inputs(batch["input_ids"], batch["attention_mask"],
+                                                     batch["chunk_index"], is_response, MASK,
+                                                     torch.Generator().manual_seed(0))
+    assert not (is_masked & ~is_response).any()
+    assert ((p_mask >= MASK_EPS) & (p_mask <= 1)).all()
+    row, chunks = 2, batch["chunk_index"][2]
+    rates = {round(float(p_mask[row][chunks == k][0]), 6) for k in range(int(chunks.max()) + 1)}
+    assert len(rates) == int(chunks.max()) + 1  # one draw per chunk
+    length = batch["input_ids"].shape[1]
+    assert torch.equal(inputs["input_ids"][:, :length], batch["input_ids"])  # the clean copy is the batch
+    assert torch.equal(inputs["attention_mask"][:, length:], batch["attention_mask"] * is_response)
+
+
+def test_full_attention_batches_fill_the_response_with_eos_to_a_random_length():
+    rows = layout_rows(torch.Generator().manual_seed(2))
+    batch = full_attention_batch(rows, EOS, max_response=40, generator=torch.Generator().manual_seed(0))
+    for i, row in enumerate(rows):
+        reasoning = [label for label in row["labels"] if label != -100]
+        response = batch["input_ids"][i][batch["is_response"][i]].tolist()
+        assert len(reasoning) <= len(response) <= 40
+        assert response[:len(reasoning)] == reasoning and set(response[len(reasoning):]) <= {EOS}
+        assert int(batch["attention_mask"][i].sum()) == int((batch["is_response"][i]).sum()) + sum(
+            1 for c, a in zip(row["chunk_index"], row["attention_mask"]) if c == -1 and a == 1)
