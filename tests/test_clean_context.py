@@ -91,3 +91,27 @@ def test_flex_block_mask_equals_the_dense_mask(model):
         flex.set_attention_backend(before)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(flexed[real], dense[real], **CLOSE)
+
+
+def test_hybrid_clean_context_scores_each_chunk_against_the_clean_chunks_before_it():
+    """With clean_context, every chunk's step logits equal those of the hybrid run on the prompt, the clean
+    (ground-truth) chunks before it and that chunk as the collator left it, alone."""
+    from test_hybrid import make_batch, make_hybrid
+
+    model = make_hybrid(clean_context=True).eval()
+    batch = make_batch([5, 3], [3, 2], 4, masked=[[0, 2], [0, 1]])
+    out = model(**batch, return_logits=True)
+    plain = make_hybrid(clean_context=False).eval()
+    plain.load_state_dict(model.state_dict())
+    clean = batch["labels"].where(batch["labels"] != -100, batch["input_ids"])
+    for row in range(2):
+        chunk_index = batch["chunk_index"][row]
+        for k in range(int(chunk_index.max()) + 1):
+            this = chunk_index == k
+            keep = (torch.arange(len(chunk_index)) < this.nonzero().min()) | this  # no right padding
+            alone = dict(input_ids=torch.where(this, batch["input_ids"][row], clean[row])[keep][None],
+                         attention_mask=batch["attention_mask"][row][keep][None], chunk_index=chunk_index[keep][None],
+                         labels=batch["labels"][row][keep][None])
+            expected = plain(**alone, return_logits=True).step_logits[:, 0, -int(this.sum()):]
+            torch.testing.assert_close(out.step_logits[:, row, this], expected, **CLOSE)
+    assert model(**batch).loss.isfinite()

@@ -47,6 +47,9 @@ class HybridConfig(PreTrainedConfig):
     # backward pass, and recomputing each step there keeps memory flat in the number of steps.
     checkpoint_refinement_steps: bool | None = _setting(None, (
         "recompute each refinement step in backward: memory flat in the number of steps (default: with detaching)"))
+    clean_context: bool = _setting(False, (
+        "train every chunk against the clean chunks before it, as decoding sees them (a noisy copy of the chunks "
+        "after the clean ones, one pass; twice the sequence)"))
     # Deep-supervision loss
     deep_supervision_weight: float = _setting(0.3, "masked chunks weigh 1 + this")
     unmasked_chunk_weight: float = _setting(1.0, "weight of unmasked chunks")

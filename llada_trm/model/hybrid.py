@@ -98,7 +98,8 @@ class LLaDATRMHybrid(PreTrainedModel):
         return self
 
     # ------------------------------------------------------------------ forward pieces
-    def backbone_hidden_states(self, input_ids, attention_mask, chunk_index, position_ids=None) -> Tensor:
+    def backbone_hidden_states(self, input_ids, attention_mask, chunk_index, position_ids=None,
+                               noisy_copy=None) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
             out = self.backbone(
                 input_ids=input_ids,
@@ -107,15 +108,18 @@ class LLaDATRMHybrid(PreTrainedModel):
                 position_ids=position_ids,
                 output_hidden_states=True,
                 return_logits=False,
+                noisy_copy=noisy_copy,
             )
         return out.last_hidden_state
 
-    def head_context(self, hidden: Tensor, attention_mask, chunk_index, position_ids=None, past=None):
+    def head_context(self, hidden: Tensor, attention_mask, chunk_index, position_ids=None, past=None,
+                     noisy_copy=None):
         batch, length = hidden.shape[:2]
         head_dim = self.config.head_hidden_size // self.config.head_heads
         return attention_context(
             batch, length, head_dim, self.config.head_rope_theta, device=hidden.device,
             attention_mask=attention_mask, chunk_index=chunk_index, position_ids=position_ids, past=past,
+            noisy_copy=noisy_copy,
         )
 
     def step_logits_at(self, hidden: Tensor, y: Tensor) -> Tensor:
@@ -157,12 +161,18 @@ class LLaDATRMHybrid(PreTrainedModel):
         (or, without labels, every reasoning position)."""
         if chunk_index is None:
             raise ValueError("LLaDATRMHybrid.forward needs `chunk_index` (from ChunkMaskingCollator)")
-        hidden = self.backbone_hidden_states(input_ids, attention_mask, chunk_index, position_ids)
         supervised = labels != -100 if labels is not None else chunk_index >= 0
         targets = labels[supervised] if labels is not None else None
-        hidden_sup = hidden[supervised]  # (N, d_model)
-        per_step = self.refine_supervised(hidden, attention_mask, chunk_index, supervised, targets, position_ids,
-                                          return_logits)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, chunk_index=chunk_index,
+                      position_ids=position_ids)
+        scored = supervised  # where the scores are taken in the model's input (B, L), or (B, 2L) with clean context
+        if self.config.clean_context:
+            inputs = self.clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids)
+            scored = torch.cat((torch.zeros_like(supervised), supervised), dim=1)
+        hidden = self.backbone_hidden_states(**inputs)
+        hidden_sup = hidden[scored]  # (N, d_model)
+        per_step = self.refine_supervised(hidden, inputs["attention_mask"], inputs["chunk_index"], scored, targets,
+                                          inputs["position_ids"], return_logits, inputs.get("noisy_copy"))
         with torch.no_grad():
             backbone_logits = self.backbone.lm_head(hidden_sup.detach()) if return_logits else None
             backbone_ce, backbone_prob, _, _ = (
@@ -174,8 +184,32 @@ class LLaDATRMHybrid(PreTrainedModel):
             backbone_ce, backbone_prob, backbone_logits if return_logits else None, labels,
         )
 
+    @staticmethod
+    def clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids=None) -> dict:
+        """Backbone inputs (B, 2L) of clean-context training: the clean sequence (labels filled in), then the
+        collator's masked sequence as the noisy copy (model/attention.py), so a masked chunk sees the prompt and
+        the clean chunks before it, as the chunk decoder shows it. Unmasked chunks of the copy see exactly what
+        they see in the clean sequence; the scores are taken on the copy."""
+        if labels is None:
+            raise ValueError("clean_context needs `labels`: the clean copy is built from them")
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        clean = labels.where(labels != -100, input_ids)
+        reasoning = (chunk_index >= 0).long()
+        return dict(
+            input_ids=torch.cat((clean, input_ids), dim=1),
+            attention_mask=torch.cat((attention_mask, attention_mask * reasoning), dim=1),
+            chunk_index=torch.cat((chunk_index, chunk_index), dim=1),
+            position_ids=torch.cat((position_ids, position_ids), dim=1),
+            noisy_copy=(torch.arange(2 * length, device=input_ids.device) >= length).expand(batch, 2 * length),
+        )
+
     def refine_supervised(
-        self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False
+        self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False,
+        noisy_copy=None,
     ) -> list[tuple]:
         """The head over every chunk for all `max_recursive_steps` steps; per step, at the supervised positions:
         (CE, p(label), max probability, argmax, logits or None). Each step is recomputed in the backward pass
@@ -183,7 +217,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         `return_logits` the scores come from the fused LM-head loss, outside the recomputed part: it keeps no
         (N, V) tensor for backward, so there is nothing to gain by running it twice."""
         config = self.config
-        context = self.head_context(hidden, attention_mask, chunk_index, position_ids)
+        context = self.head_context(hidden, attention_mask, chunk_index, position_ids, noisy_copy=noisy_copy)
         x = self.head.project_in(hidden)
         hidden_sup = hidden[supervised]
 
