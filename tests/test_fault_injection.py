@@ -336,11 +336,22 @@ def save_fresh_hybrid(backbone_dir, directory: Path) -> Path:
     return directory
 
 
-def test_mis_shaped_head_weights_on_resume_are_one_line(run_copy, backbone_dir, capsys):
+def test_resume_with_other_head_settings_is_one_line_naming_both_values(run_copy, backbone_dir, capsys):
     code = train_main(run_args(backbone_dir, run_copy, "--max_steps", "4", "--head_hidden_size", "64",
                                "--resume_from_checkpoint", "latest"))
     assert code == 2
-    one_error_line(capsys.readouterr().err, str(run_copy / "checkpoint-3"), "mis-shaped head weights")
+    one_error_line(capsys.readouterr().err, str(run_copy / "checkpoint-3"), "--head_hidden_size 32")
+
+
+def test_head_weights_of_another_shape_are_one_error_naming_the_file(run_copy, backbone_dir):
+    """The loader's own check, for a checkpoint whose config no longer describes its weights."""
+    from llada_trm.model.configuration_hybrid import HybridConfig
+    from llada_trm.model.modeling_llada import CheckpointMismatchError
+
+    wider = LLaDATRMHybrid(HybridConfig(chunk_size=16, head_hidden_size=64), backbone=load_backbone(backbone_dir))
+    weights = run_copy / "checkpoint-3" / "model.safetensors"
+    with pytest.raises(CheckpointMismatchError, match="mis-shaped head weights"):
+        wider.load_head_weights(weights)
 
 
 def test_a_trained_backbone_in_a_checkpoint_is_checked_too(backbone_dir, tmp_path, capsys):
