@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from llada_trm.cli.compare import PLOT_FILE, SUMMARY_FILE, compute_to_reach, format_table, headline, main
+from llada_trm.cli.compare import (
+    FRONTIER_POINTS,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    compute_to_reach,
+    format_table,
+    headline,
+    main,
+)
 
 
 def run(method, points):
@@ -31,6 +39,8 @@ def test_bad_methods_and_owned_flags_are_usage_errors(tmp_path, capsys):
     assert "dpo" in capsys.readouterr().err
     assert main(["--output_dir", str(tmp_path), "--extra", "--max_steps 3"]) == 2
     assert "--max_steps" in capsys.readouterr().err
+    assert main(["--output_dir", str(tmp_path), "--frontier_points", "sampler/k3"]) == 2
+    assert "--frontier_points" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -42,7 +52,7 @@ def test_compare_runs_end_to_end_and_writes_table_summary_and_plot(backbone_dir,
     argv = ["--output_dir", str(tmp_path), "--max_steps", "2", "--eval_every", "1",
             "--model_name_or_path", str(backbone_dir), "--extra", extra]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, frontier_out = capsys.readouterr().out.split("decoding frontier after training")
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].split("|")[1].strip() == "method" and len(table) == 1 + 3 * 3  # 3 methods x steps 0, 1, 2
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
@@ -61,5 +71,11 @@ def test_compare_runs_end_to_end_and_writes_table_summary_and_plot(backbone_dir,
     assert len(set(hybrid_sampler)) == 1
     assert runs["llada_sft"]["flops_per_step"] != runs["hybrid"]["flops_per_step"]
     assert set(summary["headline"]["best_exact_match"]) == set(runs)
+    frontier_rows = [line.split("|")[1:3] for line in frontier_out.splitlines() if line.startswith("| ")][1:]
+    hybrid_points = [point.strip() for method, point in frontier_rows if method.strip() == "hybrid"]
+    assert hybrid_points == FRONTIER_POINTS.split(",")
+    assert not any(point.strip().startswith("hybrid/") for method, point in frontier_rows if method.strip() != "hybrid")
+    for r in runs.values():
+        assert all(p["tokens_per_pass"] > 0 and p["backbone_flops_per_token"] > 0 for p in r["frontier"]["points"])
     pytest.importorskip("matplotlib")
     assert (tmp_path / PLOT_FILE).stat().st_size > 1000

@@ -10,7 +10,9 @@ held-out problems before training and every `--eval_every` steps with its best d
 generate_with_refinement, a plain LLaDA with LLaDA's sampler (all rows are kept). Compute is counted three ways:
 optimiser steps, wall seconds inside optimiser steps (evaluation excluded) and FLOPs, measured with torch's
 FlopCounterMode over one optimiser step of a throwaway copy of the run and multiplied by the steps (an estimate: later batches
-differ in length). Writes a table, `compare_summary.json` and `compare_accuracy.png` (needs matplotlib).
+differ in length). After training, each method's decoding frontier on the same problems (`--frontier_points`, a small
+grid by default): exact match against tokens per backbone pass (TPF) and FLOPs per new token. Writes the tables,
+`compare_summary.json` and `compare_accuracy.png` (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from llada_trm.cli import EXIT_USAGE
 from llada_trm.cli.ablate import AblationUsageError, parse_extra, prepare_output, read_metrics, training_arguments
 from llada_trm.cli.train import USER_ERRORS
+from llada_trm.inference.frontier import PointError, parse_points
+from llada_trm.training.held_out import decoding_frontier
 from llada_trm.training.trainer import Trainer, TrainingError
 
 SUMMARY_FILE = "compare_summary.json"
@@ -39,6 +43,9 @@ METHODS = {
     "llada_sft": (["--objective", "llada_sft", "--no_freeze_backbone"], "backbone_llada_sampler", "5e-4"),
     "llada_sft_lora": (["--objective", "llada_sft", "--use_lora"], "backbone_llada_sampler", "2e-3"),
 }
+# After training: the one-token sampler and its 0.9 threshold, the chunk decoder (and the hybrid) at 16 and 1 rounds.
+FRONTIER_POINTS = "sampler/k1,sampler/t0.9,chunked/r16,chunked/r1,hybrid/r16,hybrid/r1"
+FRONTIER_FLOP_SAMPLE = 4  # problems decoded under FlopCounterMode per point
 OWNED_FLAGS = ("--output_dir", "--objective", "--max_steps", "--eval_steps", "--seed", "--model_name_or_path")
 
 
@@ -54,6 +61,9 @@ def make_parser() -> argparse.ArgumentParser:
     for method in METHODS:
         parser.add_argument(f"--{method}_extra", default="", help=f"training flags for {method} only (quoted)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier runs in --output_dir")
+    parser.add_argument("--frontier_points", default=FRONTIER_POINTS,
+                        help="decoding frontier of each trained method (python -m llada_trm.frontier names; "
+                             "hybrid points apply to the hybrid only); 'none' skips it")
     return parser
 
 
@@ -89,8 +99,9 @@ def flops_per_step(args) -> int:
     return counter.get_total_flops()
 
 
-def run_method(method: str, args) -> dict:
-    """Train one method; its evaluation points [{step, train_seconds, flops, accuracy: {decoder: em}}, ...]."""
+def run_method(method: str, args, frontier_points: str | None = FRONTIER_POINTS) -> dict:
+    """Train one method; its evaluation points [{step, train_seconds, flops, accuracy: {decoder: em}}, ...] and,
+    unless `frontier_points` is None, its decoding frontier after training."""
     step_flops = flops_per_step(args)
     trainer = Trainer(args)
     before = trainer.answer_accuracy()
@@ -109,8 +120,11 @@ def run_method(method: str, args) -> dict:
     best_decoder = METHODS[method][1]
     for point in points:
         point["exact_match"] = point["accuracy"].get(best_decoder)
-    return {"method": method, "decoder": best_decoder, "flops_per_step": step_flops,
-            "num_samples": before["eval_num_samples"], "points": points}
+    run = {"method": method, "decoder": best_decoder, "flops_per_step": step_flops,
+           "num_samples": before["eval_num_samples"], "points": points}
+    if frontier_points is not None:
+        run["frontier"] = decoding_frontier(trainer, frontier_points, flop_sample=FRONTIER_FLOP_SAMPLE)
+    return run
 
 
 def compute_to_reach(run: dict, target: float, key: str) -> float | None:
@@ -155,6 +169,35 @@ def format_table(runs: list[dict]) -> str:
     return "\n".join(text)
 
 
+def format_frontier(runs: list[dict]) -> str:
+    """Each method's decoding frontier after training: exact match, TPF, MFLOPs per new token, tokens/s."""
+    header = ("method", "point", "exact match", "TPF", "backbone MFLOP/tok", "head MFLOP/tok", "tokens/s")
+    lines = [header]
+    for run in runs:
+        for p in (run.get("frontier") or {}).get("points", []):
+            flops = [p.get(k) for k in ("backbone_flops_per_token", "head_flops_per_token")]
+            lines.append((run["method"], p["name"], f"{p['accuracy']:.3f}", f"{p['tokens_per_pass']:.2f}",
+                          *("-" if f is None else f"{f / 1e6:,.1f}" for f in flops), f"{p['tokens_per_second']:.1f}"))
+    if len(lines) == 1:
+        return ""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
+    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(text)
+
+
+def parse_frontier_points(text: str, chunk_sizes: set[int]) -> str | None:
+    """The --frontier_points value checked against every run's chunk size before any training: None for 'none'."""
+    if text.strip().lower() in ("none", ""):
+        return None
+    try:
+        for chunk_size in chunk_sizes:
+            parse_points(text, chunk_size)
+    except PointError as error:
+        raise AblationUsageError(f"--frontier_points: {error}") from error
+    return text
+
+
 def plot_accuracy(runs: list[dict], path: Path) -> Path | None:
     """Exact match against FLOPs and against training seconds, one line per method."""
     try:
@@ -185,11 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             raise AblationUsageError("--max_steps and --eval_every must be positive")
         methods = parse_methods(options.methods)
         method_args = {m: training_arguments(method_argv(m, options)) for m in methods}  # check all first
+        frontier_points = parse_frontier_points(options.frontier_points,
+                                                {a.model.chunk_size for a in method_args.values()})
         prepare_output(Path(options.output_dir), methods, options.overwrite)
         runs = []
         for i, method in enumerate(methods, 1):
             print(f"\n=== {method} ({i}/{len(methods)}) ===", flush=True)
-            runs.append(run_method(method, method_args[method]))
+            runs.append(run_method(method, method_args[method], frontier_points))
             gc.collect()
     except (AblationUsageError, *USER_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -200,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_accuracy(runs, output / PLOT_FILE)
     print("\n" + format_table(runs))
+    frontier_table = format_frontier(runs)
+    if frontier_table:
+        print("\ndecoding frontier after training (TPF = new tokens per backbone row-pass):\n" + frontier_table)
     print(json.dumps(summary["headline"], indent=2))
     print(f"summary: {output / SUMMARY_FILE}")
     return 1 if any(r.get("error") for r in runs) else 0

@@ -7,15 +7,18 @@ stopped by repeated non-finite steps exits with code 1.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from llada_trm.cli import EXIT_USAGE
 from llada_trm.data.arguments import DataArgumentError
 from llada_trm.data.sources import DataError
 from llada_trm.inference.exact_match import format_fair_table, prompt_ids_of
+from llada_trm.inference.frontier import format_frontier_table
 from llada_trm.model.configuration_hybrid import HybridConfigError
 from llada_trm.model.configuration_llada import LLaDAConfigError
 from llada_trm.model.modeling_llada import CheckpointMismatchError
+from llada_trm.training import held_out
 from llada_trm.training.arguments import UsageError, parse_arguments
 from llada_trm.training.trainer import Trainer, TrainingError
 
@@ -47,6 +50,18 @@ def print_summary(trainer: Trainer, summary: dict) -> None:
               f"{fair['max_new_tokens']} new tokens at most, temperature 0):")
         print(format_fair_table(fair))
         print(f"written to {Path(trainer.args.train.output_dir) / 'eval_results.json'}")
+        print_decoding_cost(trainer)
+
+
+def print_decoding_cost(trainer: Trainer) -> None:
+    """Two cheap frontier points beside the table (TPF = new tokens per backbone row-pass; docs/evaluation.md)."""
+    began = time.perf_counter()
+    result = held_out.decoding_frontier(trainer)
+    if result is None:
+        return
+    print(f"\ndecoding cost on the same problems ({time.perf_counter() - began:.0f} s; the full frontier: "
+          f"python -m llada_trm.frontier --checkpoint DIR):")
+    print(format_frontier_table(result))
 
 
 def sample_generation(trainer: Trainer, model_dir: str) -> None:

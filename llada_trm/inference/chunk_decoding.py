@@ -16,7 +16,11 @@ Notable:
 - rows are independent: each row keeps the logits of the step at which it stopped refining, and finished rows
   leave the batch (their caches are dropped), so a batch decodes as each row would alone;
 - `use_cache=False` re-runs the whole sequence for every chunk: slow, but the reference the cache must equal;
-- the mask token is never committed: a committed chunk holding one would look like a masked chunk.
+- the mask token is never committed: a committed chunk holding one would look like a masked chunk;
+- `commit_threshold` decodes a chunk in as many rounds as its confidences need (Fast-dLLM's rule); later rounds
+  run only the rows whose chunk still holds a mask token;
+- the decoder counts the backbone row-passes it runs (`RefinementOutput.backbone_row_passes`), the cost side of
+  tokens per forward pass (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from torch import Tensor
 
 from llada_trm.data.layout import ANSWER_CLOSE
 from llada_trm.inference.prompts import left_pad, new_token_budgets, prompt_token_lists, single_token_id
-from llada_trm.inference.sampler import commit_top_k, propose, transfer_schedule
+from llada_trm.inference.sampler import PassCounter, commit_above_threshold, commit_top_k, propose, transfer_schedule
 from llada_trm.model.attention import KVCache
 from llada_trm.model.head import RefinementState
 
@@ -47,6 +51,7 @@ class RefinementOutput:
     new_tokens: list[list[int]]  # per row, the generated tokens (without the stopping EOS)
     texts: list[str] | None  # per row, the decoded new tokens (with a tokenizer)
     trace: list[list[ChunkTrace]] | None  # per row, one entry per chunk and decode round (return_trace)
+    backbone_row_passes: int = 0  # backbone forwards of the run, each counted by its rows
 
 
 @dataclass
@@ -70,6 +75,9 @@ class DecodingSettings:
     use_cache: False recomputes the whole sequence for every chunk (the reference the cached path equals).
     temperature: 0 commits the argmax, otherwise tokens are sampled.
     decode_steps_per_chunk: rounds per chunk; each commits the most confident still-masked tokens.
+    commit_threshold: instead of a fixed number of rounds, each round commits every still-masked token whose
+        confidence is >= it, and at least the most confident one, until the chunk has no mask left
+        (`decode_steps_per_chunk` is then not used). Above 1: one token a round; 0: the whole chunk in one round.
     refine_confidence_threshold / min_recursive_steps / max_recursive_steps: adaptive refinement, per row and chunk.
     return_trace: also return, per row, the steps and confidences of every chunk and round.
     ignore_eos: keep decoding to the length limit after EOS or `</answer>` (benchmarks).
@@ -81,6 +89,7 @@ class DecodingSettings:
     use_cache: bool = True
     temperature: float = 0.0
     decode_steps_per_chunk: int = 1
+    commit_threshold: float | None = None
     refine_confidence_threshold: float | None = None
     min_recursive_steps: int | None = None
     max_recursive_steps: int | None = None
@@ -113,6 +122,10 @@ class DecodingSettings:
             raise ValueError(f"need 1 <= min_recursive_steps <= max_recursive_steps, got {min_steps} and {max_steps}")
         if not threshold >= 0:
             raise ValueError(f"refine_confidence_threshold must be >= 0, got {threshold}")
+        commit = self.commit_threshold
+        if commit is not None and (isinstance(commit, bool) or not isinstance(commit, (int, float))
+                                   or not 0 <= commit < float("inf")):
+            raise ValueError(f"commit_threshold must be a finite number >= 0 or None, got {commit!r}")
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -138,6 +151,7 @@ class Settings:
     answer_close_id: int | None  # `</answer>` as one token, else found in the decoded text
     tokenizer: object | None
     ignore_eos: bool
+    commit_threshold: float | None = None  # None: `rounds` rounds per chunk
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -159,6 +173,7 @@ def _resolve_settings(model, tokenizer, decoding: DecodingSettings) -> Settings:
         refine=decoding.enable_refinement, use_cache=decoding.use_cache, min_steps=decoding.min_recursive_steps,
         max_steps=decoding.max_recursive_steps, threshold=decoding.refine_confidence_threshold,
         temperature=decoding.temperature, rounds=decoding.decode_steps_per_chunk,
+        commit_threshold=None if decoding.commit_threshold is None else float(decoding.commit_threshold),
         answer_close_id=single_token_id(tokenizer, ANSWER_CLOSE), tokenizer=tokenizer, ignore_eos=decoding.ignore_eos,
     )
 
@@ -299,6 +314,7 @@ class ChunkDecoder:
         self.keep = list(budgets)  # tokens of each row that end up in the output
         self.trace = [[] for _ in range(batch)] if return_trace else None
         self.active = torch.arange(batch, device=self.device)
+        self.passes = PassCounter()
         self.chunks: list[Tensor] = []  # committed chunks (B, C) of the whole batch, pad for finished rows
         # With the cache: `caches` hold everything before `pending`, the block (ids, mask, chunk index) that the
         # next pass appends while it decodes the next chunk. First the prompt, then each committed chunk.
@@ -331,28 +347,63 @@ class ChunkDecoder:
         return num_chunks
 
     def decode_chunk(self, k: int) -> Tensor:
-        """Commit chunk k of the active rows over `rounds` decode rounds, most confident tokens first."""
+        """Commit chunk k of the active rows: in `rounds` rounds, most confident tokens first, or by threshold."""
         settings, size = self.settings, self.settings.chunk_size
         n = len(self.active)
         current = torch.full((n, size), settings.mask_id, dtype=torch.long, device=self.device)
+        if settings.commit_threshold is not None:
+            return self.decode_chunk_by_threshold(k, current)
         schedule = transfer_schedule(torch.full((n,), size, device=self.device), settings.rounds)  # (n, rounds)
         for r in range(settings.rounds):
-            ids, mask, chunk_index, extend_cache = self.model_inputs(k, current)
-            result = refine_pass(self.model, ids, mask, chunk_index, self.caches, settings, extend_cache)
-            if extend_cache:
-                self.caches, self.pending = result.caches, None
-            logits, steps, confidence = result.logits.clone(), result.steps, result.confidence
-            logits[..., settings.mask_id] = -torch.inf
-            x0, token_confidence = propose(logits, current, settings.mask_id, settings.temperature, "low_confidence",
-                                           self.generator)
+            x0, token_confidence = self.propose_round(k, r, current)
             current = commit_top_k(current, x0, token_confidence, schedule[:, r])
-            if self.trace is not None:
-                for row, used, row_confidence in zip(self.active.tolist(), steps.tolist(), confidence.tolist()):
-                    self.trace[row].append(ChunkTrace(k, r, used, row_confidence[: max(used, 1)]))
         return current
 
-    def model_inputs(self, k: int, current: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-        """ids, attention mask and chunk index of the pass that decodes chunk k, and whether it extends the cache."""
+    def decode_chunk_by_threshold(self, k: int, current: Tensor) -> Tensor:
+        """Rounds until chunk k has no mask token left, each committing every token at or above the threshold and
+        at least the most confident one. The mask token is never proposed, so every round commits at least one
+        token and a chunk takes at most chunk_size rounds. Round 0 runs every row (it also appends the block
+        before the chunk to the caches); later rounds only the rows with masks left."""
+        threshold, mask_id = self.settings.commit_threshold, self.settings.mask_id
+        open_caches, open_count = None, len(current)  # the caches of the open rows, and how many they hold
+        for r in range(self.settings.chunk_size):
+            open_rows = (current == mask_id).any(dim=1)
+            if not open_rows.any():
+                break
+            rows = None if bool(open_rows.all()) else open_rows.nonzero().flatten()
+            if rows is not None and self.settings.use_cache and open_count != len(rows):
+                # Selecting copies every cache: done once each time the open rows shrink, not every round.
+                open_caches, open_count = self.caches.select(rows), len(rows)
+            sub = current if rows is None else current[rows]
+            x0, token_confidence = self.propose_round(k, r, sub, rows, open_caches)
+            committed = commit_above_threshold(sub, x0, token_confidence, threshold)
+            current = committed if rows is None else current.index_copy(0, rows, committed)
+        return current
+
+    def propose_round(self, k: int, r: int, current: Tensor, rows: Tensor | None = None,
+                      caches: Caches | None = None) -> tuple[Tensor, Tensor]:
+        """Round r of chunk k: one pass over the active rows (or those at indices `rows`, with `caches` their
+        caches), and the proposal (tokens, confidences) for the still-masked positions of `current`."""
+        settings = self.settings
+        ids, mask, chunk_index, extend_cache = self.model_inputs(k, current, rows)
+        past = self.caches if rows is None else caches
+        result = refine_pass(self.model, ids, mask, chunk_index, past, settings, extend_cache)
+        self.passes.add(len(ids))
+        if extend_cache:
+            self.caches, self.pending = result.caches, None
+        logits, steps, confidence = result.logits.clone(), result.steps, result.confidence
+        logits[..., settings.mask_id] = -torch.inf
+        x0, token_confidence = propose(logits, current, settings.mask_id, settings.temperature, "low_confidence",
+                                       self.generator)
+        if self.trace is not None:
+            active = self.active if rows is None else self.active[rows]
+            for row, used, row_confidence in zip(active.tolist(), steps.tolist(), confidence.tolist()):
+                self.trace[row].append(ChunkTrace(k, r, used, row_confidence[: max(used, 1)]))
+        return x0, token_confidence
+
+    def model_inputs(self, k: int, current: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """ids, attention mask and chunk index of the pass that decodes chunk k (for the active rows, or those at
+        indices `rows` of them, in a later round), and whether it extends the cache."""
         chunk_index = torch.full_like(current, k)
         if self.settings.use_cache:
             if self.pending is None:  # a later decode round: the chunk alone against the cache
@@ -361,7 +412,7 @@ class ChunkDecoder:
             return (torch.cat((ids, current), 1), torch.cat((mask, torch.ones_like(current)), 1),
                     torch.cat((block_index, chunk_index), 1), True)
         # No cache: the prompt, every committed chunk and this one, recomputed.
-        rows = self.active
+        rows = self.active if rows is None else self.active[rows]
         ids = torch.cat([self.prompt_ids[rows], *(c[rows] for c in self.chunks), current], dim=1)
         mask = torch.cat([self.prompt_mask[rows], torch.ones(len(rows), (k + 1) * current.shape[1],
                                                               dtype=torch.long, device=self.device)], dim=1)
@@ -394,7 +445,7 @@ class ChunkDecoder:
         texts = None
         if settings.tokenizer is not None:
             texts = [settings.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new_tokens]
-        return RefinementOutput(sequences, new_tokens, texts, self.trace)
+        return RefinementOutput(sequences, new_tokens, texts, self.trace, self.passes.backbone_row_passes)
 
 
 @torch.no_grad()

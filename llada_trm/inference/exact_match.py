@@ -11,19 +11,27 @@ attention_mask == 1): exactly the ids the model was trained to continue. A predi
 `layout.extract_answer` of the generated text equals the reference `answer` (both stripped); rows without a
 reference answer are counted apart. New tokens are counted up to the stop (EOS excluded, `</answer>` included)
 for every decoder, so tokens per second compare answer throughput.
+
+Every decoder also reports its cost (docs/evaluation.md, the frontier): `backbone_passes`, the backbone row-passes
+it ran as counted by the decoding code (one forward over n rows counts n), and `tokens_per_pass` (TPF), new tokens
+per row-pass. With `flop_sample=n`, the first n rows are decoded once more under torch's FlopCounterMode, and the
+FLOPs per new token are reported with the refinement head's modules counted apart from the rest (the backbone).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from llada_trm.data.layout import ANSWER_CLOSE, extract_answer
 from llada_trm.inference.chunk_decoding import DecodingSettings, generate_with_refinement, token_stop
 from llada_trm.inference.prompts import left_pad, single_token_id
-from llada_trm.inference.sampler import generate
+from llada_trm.inference.sampler import PassCounter, generate
 
 DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
 SAMPLER_MIN_BATCH = 32  # the sampler runs one cheap step per token: larger batches amortise its Python loop
@@ -57,25 +65,75 @@ def default_new_token_budget(rows: list[dict], chunk_size: int) -> int:
     return longest + chunk_size
 
 
+@dataclass
+class DecodedBatch:
+    """What a decoder returns for one batch of prompts, per row and for the batch."""
+
+    texts: list[str]
+    new_tokens: list[int]  # per row, up to the stop
+    chunks: list[int]  # per row, chunk decode rounds run (0 for the sampler)
+    refinement_steps: list[int]  # per row, refinement steps over those rounds
+    backbone_row_passes: int  # backbone forwards of the batch, each counted by its rows
+
+
+class DecoderParts(nn.Module):
+    """The backbone and head under one root, so FlopCounterMode names their modules `DecoderParts.backbone...` and
+    `DecoderParts.head...` (it names a module's children after the first module entered; the decoders call the
+    parts' methods, never a common parent). Calling it does nothing but that naming."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self) -> None:
+        return None
+
+
+def decode_flops(decode: Callable[[list[list[int]]], DecodedBatch], prompts: list[list[int]], backbone: nn.Module,
+                 head: nn.Module | None) -> tuple[int, int, int]:
+    """(backbone FLOPs, head FLOPs, new tokens) of decoding `prompts`, by torch's FlopCounterMode.
+
+    Head FLOPs are those of the head's modules (the outermost ones entered: the decoders call the head's methods,
+    not the head). Backbone FLOPs are all the others: the backbone's forwards and its LM head, also where the chunk
+    decoder applies it to a refinement step's state (the counter counts matrix products and attention only).
+    """
+    parts = DecoderParts(backbone, head)
+    with FlopCounterMode(display=False) as counter:
+        parts()
+        batch = decode(prompts)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    head_modules = [name for name, _ in head.named_modules()] if head is not None else []
+    head_names = {"DecoderParts.head" + (f".{name}" if name else "") for name in head_modules}
+    entered = [name for name in counts if name in head_names]
+    outermost = [name for name in entered if not any(name.startswith(other + ".") for other in entered)]
+    head_flops = sum(counts[name] for name in outermost)
+    return counter.get_total_flops() - head_flops, head_flops, sum(batch.new_tokens)
+
+
 def _run(name: str, rows: list[dict], batch_size: int, progress: bool,
-         decode: Callable[[list[list[int]]], tuple[list[str], list[int], list[int], list[int]]]) -> dict:
-    """Score `decode` (prompts -> texts, new tokens, chunks, refinement steps per row) over `rows` in batches."""
+         decode: Callable[[list[list[int]]], DecodedBatch], flop_parts: tuple | None = None,
+         flop_sample: int = 0) -> dict:
+    """Score `decode` (prompts -> DecodedBatch) over `rows` in batches; with `flop_sample` and `flop_parts`
+    (backbone, head or None), also the FLOPs per new token of decoding the first `flop_sample` rows."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    correct = new_tokens = chunk_count = step_count = 0
+    correct = new_tokens = chunk_count = step_count = passes = 0
     seconds = 0.0
     bar = tqdm(total=len(rows), desc=name, disable=not progress, unit="sample")
     for start in range(0, len(rows), batch_size):
         batch = rows[start: start + batch_size]
         began = time.perf_counter()
-        texts, tokens, chunks, steps = decode([prompt_ids_of(row) for row in batch])
+        decoded = decode([prompt_ids_of(row) for row in batch])
         seconds += time.perf_counter() - began
-        correct += sum(is_correct(text, str(row["answer"])) for text, row in zip(texts, batch))
-        new_tokens, chunk_count, step_count = new_tokens + sum(tokens), chunk_count + sum(chunks), step_count + sum(steps)
+        correct += sum(is_correct(text, str(row["answer"])) for text, row in zip(decoded.texts, batch))
+        new_tokens += sum(decoded.new_tokens)
+        chunk_count, step_count = chunk_count + sum(decoded.chunks), step_count + sum(decoded.refinement_steps)
+        passes += decoded.backbone_row_passes
         bar.update(len(batch))
         bar.set_postfix(accuracy=f"{correct / (start + len(batch)):.3f}", tok_s=f"{new_tokens / max(seconds, 1e-9):.0f}")
     bar.close()
-    return {
+    result = {
         "accuracy": correct / len(rows) if rows else 0.0,
         "correct": correct,
         "num_samples": len(rows),
@@ -83,7 +141,16 @@ def _run(name: str, rows: list[dict], batch_size: int, progress: bool,
         "new_tokens": new_tokens,
         "seconds": seconds,
         "tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0,
+        "backbone_passes": passes,
+        "tokens_per_pass": new_tokens / passes if passes else 0.0,
     }
+    if flop_sample > 0 and flop_parts is not None and rows:
+        sample = [prompt_ids_of(row) for row in rows[:flop_sample]]
+        backbone_flops, head_flops, sample_tokens = decode_flops(decode, sample, *flop_parts)
+        per_token = max(sample_tokens, 1)
+        result.update(flop_sample=len(sample), backbone_flops_per_token=backbone_flops / per_token,
+                      head_flops_per_token=head_flops / per_token)
+    return result
 
 
 def _until_stop(tokens: list[int], eos_id: int, answer_close_id: int | None) -> list[int]:
@@ -93,9 +160,13 @@ def _until_stop(tokens: list[int], eos_id: int, answer_close_id: int | None) -> 
 
 
 def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens: int, block_length: int,
-                           batch_size: int = 32, progress: bool = True) -> dict:
-    """Exact match of the backbone with LLaDA's sampler: steps = new tokens (one per step), blocks of
-    `block_length`, temperature 0; `max_new_tokens` is rounded up to whole blocks."""
+                           batch_size: int = 32, progress: bool = True, tokens_per_step: int = 1,
+                           threshold: float | None = None, flop_sample: int = 0, name: str | None = None) -> dict:
+    """Exact match of the backbone with LLaDA's sampler, blocks of `block_length`, temperature 0: by default one
+    token per step (steps = new tokens); `tokens_per_step` k (a divisor of block_length) takes steps = new tokens / k,
+    `threshold` decodes by confidence threshold instead. `max_new_tokens` is rounded up to whole blocks."""
+    if block_length % tokens_per_step:
+        raise ValueError(f"tokens_per_step ({tokens_per_step}) must divide the block length ({block_length})")
     gen_length = -(-max_new_tokens // block_length) * block_length
     eos_id, mask_id = tokenizer.eos_token_id, backbone.config.mask_token_id
     answer_close_id = single_token_id(tokenizer, ANSWER_CLOSE)
@@ -103,22 +174,25 @@ def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens
 
     def decode(prompts):
         ids, mask = left_pad(prompts, block_length, tokenizer.pad_token_id, backbone.device)
-        out = generate(backbone, ids, mask, steps=gen_length, gen_length=gen_length, block_length=block_length,
-                       mask_id=mask_id, stop_token_ids=stop_ids)
+        counter = PassCounter()
+        out = generate(backbone, ids, mask, steps=gen_length // tokens_per_step, gen_length=gen_length,
+                       block_length=block_length, mask_id=mask_id, stop_token_ids=stop_ids, threshold=threshold,
+                       counter=counter)
         new = [_until_stop(row, eos_id, answer_close_id) for row in out[:, ids.shape[1]:].tolist()]
         new = [[t for t in row if t != mask_id] for row in new]
         texts = [tokenizer.decode(row, skip_special_tokens=True) for row in new]
-        return texts, [len(row) for row in new], [0] * len(new), [0] * len(new)
+        return DecodedBatch(texts, [len(row) for row in new], [0] * len(new), [0] * len(new),
+                            counter.backbone_row_passes)
 
-    return _run("backbone_llada_sampler", rows, batch_size, progress, decode)
+    return _run(name or "backbone_llada_sampler", rows, batch_size, progress, decode, (backbone, None), flop_sample)
 
 
 def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, enable_refinement: bool = True,
                            batch_size: int = 8, progress: bool = True, settings: DecodingSettings | None = None,
-                           **decode_options) -> dict:
+                           flop_sample: int = 0, name: str | None = None, **decode_options) -> dict:
     """Exact match of an `LLaDATRMHybrid` with `generate_with_refinement`: `settings` (default temperature 0),
-    with `decode_options` (DecodingSettings fields: decode_steps_per_chunk, ...) on top; the budget and
-    `enable_refinement` are this function's."""
+    with `decode_options` (DecodingSettings fields: decode_steps_per_chunk, commit_threshold, ...) on top; the
+    budget and `enable_refinement` are this function's."""
     decoding = (settings if settings is not None else DecodingSettings()).with_overrides(
         **decode_options, max_new_tokens=max_new_tokens, enable_refinement=enable_refinement, return_trace=True)
 
@@ -126,9 +200,12 @@ def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: i
         out = generate_with_refinement(model, prompts, tokenizer=tokenizer, settings=decoding)
         chunks = [len(trace) for trace in out.trace]
         steps = [sum(entry.steps for entry in trace) for trace in out.trace]
-        return out.texts, [len(tokens) for tokens in out.new_tokens], chunks, steps
+        return DecodedBatch(out.texts, [len(tokens) for tokens in out.new_tokens], chunks, steps,
+                            out.backbone_row_passes)
 
-    return _run("hybrid_refined" if enable_refinement else "backbone_chunked", rows, batch_size, progress, decode)
+    default_name = "hybrid_refined" if enable_refinement else "backbone_chunked"
+    parts = (model.backbone, model.head if enable_refinement else None)
+    return _run(name or default_name, rows, batch_size, progress, decode, parts, flop_sample)
 
 
 def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size: int, models: dict,
@@ -163,9 +240,12 @@ def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size
 
 
 def format_fair_table(evaluation: dict) -> str:
-    """The decoders of `fair_evaluation` as a table: exact match, correct, mean steps, new tokens per second."""
-    lines = [f"{'decoder':<24}{'exact match':>12}{'correct':>9}{'samples':>9}{'mean steps':>12}{'tokens/s':>11}"]
+    """The decoders of `fair_evaluation` as a table: exact match, correct, mean steps, tokens per backbone
+    row-pass (TPF) and new tokens per second."""
+    lines = [f"{'decoder':<24}{'exact match':>12}{'correct':>9}{'samples':>9}{'mean steps':>12}{'TPF':>8}"
+             f"{'tokens/s':>11}"]
     for name, r in evaluation["decoders"].items():
+        tpf = f"{r['tokens_per_pass']:.2f}" if "tokens_per_pass" in r else "-"
         lines.append(f"{name:<24}{r['accuracy']:>12.3f}{r['correct']:>9}{r['num_samples']:>9}"
-                     f"{r['mean_refinement_steps']:>12.2f}{r['tokens_per_second']:>11.1f}")
+                     f"{r['mean_refinement_steps']:>12.2f}{tpf:>8}{r['tokens_per_second']:>11.1f}")
     return "\n".join(lines)

@@ -11,14 +11,33 @@ after `steps / num_blocks` steps. Differences from the official code, none of wh
 - every random draw comes from `generator`, and temperature 0 draws nothing;
 - noise and confidences are computed only for the answer up to the current block's end: nothing else can
   be committed there.
+
+`threshold` switches to confidence-threshold parallel decoding (Fast-dLLM): a step commits every candidate at
+or above the threshold, and at least the most confident one, so a block takes as many steps as its confidences
+need instead of a fixed schedule. `counter` counts the backbone row-passes the run made (the cost side of
+tokens per forward pass, docs/evaluation.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 REMASKING_STRATEGIES = ("low_confidence", "random")
+
+
+@dataclass
+class PassCounter:
+    """Backbone work of a decoding run, counted by the decoder: one forward over n rows adds n row-passes."""
+
+    backbone_row_passes: int = 0
+    backbone_forwards: int = 0
+
+    def add(self, rows: int) -> None:
+        self.backbone_row_passes += rows
+        self.backbone_forwards += 1
 
 
 def transfer_schedule(mask_count: Tensor, steps: int) -> Tensor:
@@ -47,7 +66,7 @@ def gumbel_argmax(logits: Tensor, temperature: float, generator: torch.Generator
 
 
 def _check_arguments(model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
-                     remasking, mask_id) -> None:
+                     remasking, mask_id, threshold) -> None:
     if prompt.dim() != 2:
         raise ValueError(f"prompt must be a 2-D (batch, length) tensor of token ids, got shape {tuple(prompt.shape)}")
     if prompt.shape[0] == 0 or prompt.shape[1] == 0:
@@ -62,7 +81,9 @@ def _check_arguments(model, prompt, attention_mask, steps, gen_length, block_len
         empty_rows = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
         if empty_rows:
             raise ValueError(f"empty prompt: attention_mask has no real token in row(s) {empty_rows}")
-    if steps <= 0:
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold < float("inf")):
+        raise ValueError(f"threshold must be a finite number >= 0 or None, got {threshold!r}")
+    if threshold is None and steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     if gen_length <= 0:
         raise ValueError(f"gen_length must be positive, got {gen_length}")
@@ -71,7 +92,7 @@ def _check_arguments(model, prompt, attention_mask, steps, gen_length, block_len
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
     num_blocks = gen_length // block_length
-    if steps % num_blocks:
+    if threshold is None and steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
     max_length = model.config.max_sequence_length
     if prompt.shape[1] + gen_length > max_length:
@@ -95,8 +116,11 @@ def _twice(t: Tensor | None) -> Tensor | None:
 
 
 def guided_logits(model, x: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, prompt_length: int,
-                  mask_id: int, cfg_scale: float) -> Tensor:
-    """Logits (B, L, V) of x; with cfg_scale > 0, pushed away from an unconditional copy (prompt masked)."""
+                  mask_id: int, cfg_scale: float, counter: PassCounter | None = None) -> Tensor:
+    """Logits (B, L, V) of x; with cfg_scale > 0, pushed away from an unconditional copy (prompt masked).
+    `counter` gets the rows of the backbone forward (twice the batch with guidance)."""
+    if counter is not None:
+        counter.add(len(x) * (1 if cfg_scale == 0 else 2))
     if cfg_scale == 0:
         return model(input_ids=x, attention_mask=attention_mask, position_ids=position_ids).logits
     unconditional = x.clone()
@@ -119,6 +143,16 @@ def commit_top_k(x: Tensor, x0: Tensor, confidence: Tensor, k: Tensor) -> Tensor
     top = confidence.topk(k_max, dim=-1).indices  # (B, k_max), most confident first
     chosen = torch.arange(k_max, device=x.device)[None, :] < k[:, None]
     commit = torch.zeros_like(x, dtype=torch.bool).scatter_(1, top, chosen)
+    return torch.where(commit, x0, x)
+
+
+def commit_above_threshold(x: Tensor, x0: Tensor, confidence: Tensor, threshold: float) -> Tensor:
+    """Write x0 into x wherever confidence >= threshold, and at the most confident position of every row that has a
+    finite confidence: each step commits at least one token, so decoding always moves on."""
+    has_candidate = torch.isfinite(confidence).any(dim=1)
+    commit = confidence >= threshold
+    best = confidence.argmax(dim=1, keepdim=True)
+    commit.scatter_(1, best, commit.gather(1, best) | has_candidate[:, None])
     return torch.where(commit, x0, x)
 
 
@@ -145,6 +179,60 @@ def rows_stopped(answer: Tensor, stop_token_ids: tuple[int, ...], mask_id: int) 
     return (is_stop & (masks_before == 0)).any(dim=1)
 
 
+@dataclass
+class SamplerStep:
+    """What one sampler step needs besides the rows: the model, the answer's start and the proposal settings."""
+
+    model: object
+    prompt_length: int
+    mask_id: int
+    temperature: float
+    cfg_scale: float
+    remasking: str
+    generator: torch.Generator | None
+    counter: PassCounter | None
+
+    def propose(self, x: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                block_end: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(current, x0, confidence) over the answer up to `block_end`: only it can be committed. Mask tokens of
+        earlier blocks that the model filled with the mask id itself stay candidates, as in the official sampler."""
+        logits = guided_logits(self.model, x, attention_mask, position_ids, self.prompt_length, self.mask_id,
+                               self.cfg_scale, self.counter)
+        window = slice(self.prompt_length, block_end)
+        current = x[:, window]
+        x0, confidence = propose(logits[:, window], current, self.mask_id, self.temperature, self.remasking,
+                                 self.generator)
+        return current, x0, confidence
+
+
+def decode_block_by_schedule(step: SamplerStep, x: Tensor, attention_mask: Tensor | None,
+                             position_ids: Tensor | None, block_end: int, block_length: int, steps: int) -> None:
+    """LLaDA's block (in place): `steps` steps over the whole batch, each committing the schedule's count."""
+    schedule = transfer_schedule((x[:, block_end - block_length:block_end] == step.mask_id).sum(dim=1), steps)
+    for i in range(steps):
+        current, x0, confidence = step.propose(x, attention_mask, position_ids, block_end)
+        x[:, step.prompt_length:block_end] = commit_top_k(current, x0, confidence, schedule[:, i])
+
+
+def decode_block_by_threshold(step: SamplerStep, x: Tensor, attention_mask: Tensor | None,
+                              position_ids: Tensor | None, block_end: int, block_length: int, threshold: float) -> None:
+    """Fast-dLLM's block (in place): steps over the rows whose block still holds a mask token, each committing every
+    candidate at or above `threshold` and at least the most confident one; at most `block_length` steps."""
+    for _ in range(block_length):
+        open_rows = (x[:, block_end - block_length:block_end] == step.mask_id).any(dim=1)
+        if not open_rows.any():
+            return
+        # Rows never attend to each other, so running only the open ones changes nothing for them.
+        rows = slice(None) if bool(open_rows.all()) else open_rows.nonzero().flatten()
+        current, x0, confidence = step.propose(x[rows], _rows_of(attention_mask, rows), _rows_of(position_ids, rows),
+                                               block_end)
+        x[rows, step.prompt_length:block_end] = commit_above_threshold(current, x0, confidence, threshold)
+
+
+def _rows_of(t: Tensor | None, rows) -> Tensor | None:
+    return None if t is None else t[rows]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -159,6 +247,8 @@ def generate(
     mask_id: int | None = None,
     generator: torch.Generator | None = None,
     stop_token_ids: tuple[int, ...] = (),
+    threshold: float | None = None,
+    counter: PassCounter | None = None,
 ) -> Tensor:
     """LLaDA sampling. prompt (B, P) token ids, left-padded when `attention_mask` (B, P), 1 = real, is given.
 
@@ -170,10 +260,21 @@ def generate(
     decoding (its later blocks are left as mask tokens). Committed tokens never change and rows never attend to
     each other, so at temperature 0 the text up to the stop token is exactly what the full run produces (an
     evaluation shortcut, not part of the official sampler; with sampling, the random draws then differ).
+
+    threshold: confidence-threshold parallel decoding instead of the fixed schedule. Each step commits every
+    candidate (a still-masked position of the answer up to the current block's end, as in the scheduled sampler)
+    whose confidence is >= threshold, and always the most confident one. A row's block ends when it holds no mask
+    token, or after `block_length` steps (each step commits at least once, so by then every position was
+    committed; the cap only matters when the model commits the mask token itself). Only rows whose block is still
+    open are run, so the step count follows each row's confidences; `steps` is ignored (and not checked).
+    A threshold above 1 commits one token per step: the same tokens as `steps=gen_length`.
+    With `remasking="random"` the confidences are uniform draws, so the threshold is a random fraction.
+
+    counter: a `PassCounter` that gets the backbone row-passes of the run (rows that left the batch not counted).
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     _check_arguments(model, prompt, attention_mask, steps, gen_length, block_length, temperature, cfg_scale,
-                     remasking, mask_id)
+                     remasking, mask_id, threshold)
     batch, prompt_length = prompt.shape
     device = prompt.device
     x = torch.full((batch, prompt_length + gen_length), mask_id, dtype=torch.long, device=device)
@@ -187,24 +288,20 @@ def generate(
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
     num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
+    steps_per_block = steps // num_blocks  # unused with a threshold
     active = torch.arange(batch, device=device)  # rows still decoding (all, unless stop_token_ids)
     out = x.clone() if stop_token_ids else x  # with stop tokens, x holds the active rows only
+    step = SamplerStep(model, prompt_length, mask_id, temperature, cfg_scale, remasking, generator, counter)
     was_training = model.training
     model.eval()
     try:
         for block in range(num_blocks):
-            block_start = prompt_length + block * block_length
-            block_end = block_start + block_length
-            schedule = transfer_schedule((x[:, block_start:block_end] == mask_id).sum(dim=1), steps_per_block)
-            for step in range(steps_per_block):
-                logits = guided_logits(model, x, attention_mask, position_ids, prompt_length, mask_id, cfg_scale)
-                # Only the answer up to this block's end can be committed: mask tokens of earlier blocks
-                # that the model filled with the mask id itself stay candidates, as in the official sampler.
-                window = slice(prompt_length, block_end)
-                current = x[:, window]
-                x0, confidence = propose(logits[:, window], current, mask_id, temperature, remasking, generator)
-                x[:, window] = commit_top_k(current, x0, confidence, schedule[:, step])
+            block_end = prompt_length + (block + 1) * block_length
+            if threshold is not None:
+                decode_block_by_threshold(step, x, attention_mask, position_ids, block_end, block_length, threshold)
+            else:
+                decode_block_by_schedule(step, x, attention_mask, position_ids, block_end, block_length,
+                                         steps_per_block)
             if stop_token_ids:
                 # Each row attends only to itself, so a finished row can leave the batch without changing others.
                 running = ~rows_stopped(x[:, prompt_length:block_end], stop_token_ids, mask_id)

@@ -5,6 +5,8 @@ What is notable:
 - Answer accuracy is the fair comparison of inference/exact_match.py: the backbone with LLaDA's sampler and
   through the chunk decoder, and the hybrid with generate_with_refinement. A frozen backbone answers the same
   at every evaluation, so its rows are computed once and kept on the trainer.
+- `decoding_frontier` scores a few more decoders on the same rows and budget, with what each costs per backbone
+  pass (inference/frontier.py): the end of the main command and `compare` print it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, scored_rows
+from llada_trm.inference.frontier import BACKBONE_KINDS, DECODER_KINDS, frontier, parse_points
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.training.arguments import RunArguments
@@ -81,6 +84,32 @@ def answer_accuracy(trainer: Trainer) -> dict:
     if is_hybrid:
         metrics["eval_mean_refinement_steps"] = evaluation["decoders"]["hybrid_refined"]["mean_refinement_steps"]
     return metrics
+
+
+# The main command's extra points: cheap ones that the fair table lacks (it has the one-token sampler and the chunk
+# decoder at --eval_decode_steps_per_chunk rounds).
+FINAL_POINTS = {"hybrid": "sampler/t0.9,hybrid/r1", "backbone": "sampler/t0.9,chunked/r1"}
+
+
+def decoding_frontier(trainer: Trainer, points: str | None = None, flop_sample: int = 0) -> dict | None:
+    """Frontier points (comma-separated names; default FINAL_POINTS) of the trainer's model on the rows and budget
+    of its last answer accuracy; points that need a head are dropped for a plain LLaDA. None without one."""
+    t = trainer.args.train
+    if trainer.fair_eval is None or not trainer.accelerator.is_main_process:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_hybrid = isinstance(model, LLaDATRMHybrid)
+    kinds = DECODER_KINDS if is_hybrid else BACKBONE_KINDS
+    names = points if points is not None else FINAL_POINTS["hybrid" if is_hybrid else "backbone"]
+    chosen = [p for p in parse_points(names, trainer.args.model.chunk_size) if p.kind in kinds]
+    if not chosen:
+        return None
+    rows, _ = scored_rows(trainer.eval_data.dataset, t.eval_max_samples)
+    decoder_model = model if is_hybrid else backbone_only_hybrid(model, trainer.args)
+    result = frontier(decoder_model, trainer.tokenizer, rows, trainer.fair_eval["max_new_tokens"], chosen,
+                      batch_size=t.eval_batch_size or t.batch_size, flop_sample=flop_sample, progress=False)
+    model.train()
+    return result
 
 
 def _decoders(model, args: RunArguments) -> dict:
