@@ -5,21 +5,74 @@ import pickle
 from pathlib import Path
 
 import pytest
+import yaml
 
-from llada_trm.data.arguments import DataArgumentError, parse_split
+from llada_trm.data.arguments import DataArgumentError, DataArguments, parse_split
 from llada_trm.env_flags import env_flag, parse_bool
 from llada_trm.model.configuration_hybrid import HybridConfig
-from llada_trm.training.arguments import HYBRID_FLAGS, UsageError, hybrid_config, make_parser, parse_arguments
+from llada_trm.training import arguments
+from llada_trm.training.arguments import (
+    EMBEDDED_PROFILE, HYBRID_FLAGS, MaskingArguments, TrainArguments, UsageError, hybrid_config, make_parser,
+    parse_arguments,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_every_hybrid_setting_is_a_flag_with_the_config_default_and_help():
+    """The config's default, or the embedded profile's where the program overrides it."""
     config_fields = {f.name: f for f in dataclasses.fields(HybridConfig)}
     actions = make_parser()._option_string_actions
     assert "backbone_name_or_path" not in HYBRID_FLAGS and "backbone_in_checkpoint" not in HYBRID_FLAGS
     for name in HYBRID_FLAGS:
         flag = actions[f"--{name}"]
-        assert flag.default == config_fields[name].default
+        assert flag.default == EMBEDDED_PROFILE.get(name, config_fields[name].default)
         assert flag.help.startswith(config_fields[name].metadata["help"])
+
+
+def groups(args) -> dict:
+    """Every parsed argument group as plain values, so that a difference names its group and field."""
+    return {name: dataclasses.asdict(group) for name, group in (
+        ("model", args.model), ("data", args.data), ("train", args.train), ("truncation", args.truncation),
+        ("weighting", args.weighting))} | {"truncation_flags": args.truncation_flags}
+
+
+def test_no_flags_run_the_embedded_profile_of_configs_default_yaml():
+    """The documented command without --config trains what configs/default.yaml describes, output_dir included."""
+    assert groups(parse_arguments([], environ={})) == groups(
+        parse_arguments(["--config", str(CONFIGS / "default.yaml")], environ={}))
+    # The file writes the whole profile out, and the profile does change the library's defaults.
+    written = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert {name: written.get(name) for name in EMBEDDED_PROFILE} == EMBEDDED_PROFILE
+    library = {f.name: f.default for cls in (HybridConfig, MaskingArguments, DataArguments, TrainArguments)
+               for f in dataclasses.fields(cls)}
+    assert all(library[name] != value for name, value in EMBEDDED_PROFILE.items())
+
+
+def test_embedded_profile_booleans_turn_off_like_any_other():
+    model = parse_arguments([], environ={}).model
+    assert model.partial_chunk_masking and model.checkpoint_refinement_steps is False
+    for flags in (["--no_partial_chunk_masking"], ["--partial_chunk_masking", "false"]):
+        assert parse_arguments(flags, environ={}).model.partial_chunk_masking is False
+    assert parse_arguments(["--checkpoint_refinement_steps", "true"], environ={}).model.checkpoint_refinement_steps
+
+
+def test_llada8b_config_keeps_the_8b_sizes_without_the_embedded_profile(monkeypatch):
+    """The 8B config states every setting it used to take from the library defaults, so it trains as before."""
+    path = str(CONFIGS / "llada8b_natural_reasoning.yaml")
+    args = parse_arguments(["--config", path], environ={})
+    m, t = args.model, args.train
+    assert (m.max_recursive_steps, m.min_recursive_steps, m.latent_steps) == (8, 2, 2)
+    assert m.checkpoint_refinement_steps is True
+    assert (m.deep_supervision_weight, m.unmasked_chunk_weight, m.partial_chunk_masking) == (0.3, 1.0, False)
+    assert (t.eval_decode_steps_per_chunk, t.batch_size, t.learning_rate) == (1, 4, 3e-4)
+    assert (m.model_name_or_path, args.data.dataset_name) == ("GSAI-ML/LLaDA-8B-Instruct", "natural_reasoning")
+    monkeypatch.setattr(arguments, "EMBEDDED_PROFILE", {})  # the program's defaults as they were: the library's
+    before = groups(parse_arguments(["--config", path], environ={}))
+    after = groups(args)
+    # The size of the synthetic set is the one setting left to the profile: this run reads natural_reasoning.
+    assert (before["data"].pop("num_synthetic_train"), after["data"].pop("num_synthetic_train")) == (1000, 2000)
+    assert after == before
 
 
 def test_parsed_flags_build_the_config_without_listing_fields():
@@ -33,7 +86,7 @@ def test_parsed_flags_build_the_config_without_listing_fields():
 
 @pytest.mark.parametrize("flags,message", [
     (["--max_recursive_steps", "0"], "--max_recursive_steps must be at least 1, got 0"),
-    (["--min_recursive_steps", "9"], "--min_recursive_steps (9) must not exceed --max_recursive_steps (8)"),
+    (["--min_recursive_steps", "5"], "--min_recursive_steps (5) must not exceed --max_recursive_steps (4)"),
     (["--head_hidden_size", "-2"], "--head_hidden_size must be positive, got -2"),
     (["--step_weighting", "cubic"], "--step_weighting must be one of linear, uniform, got 'cubic'"),
     (["--mask_probability", "1.5"], "--mask_probability must be in [0, 1], got 1.5"),

@@ -1,6 +1,7 @@
 """Block SFT (clean-context block diffusion): the loss equals a per-chunk reference that runs each noisy chunk after
 the prompt and the clean chunks before it; the embedded rebuild's full-attention batches have the stated tails."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_config
@@ -86,3 +87,30 @@ def test_full_attention_batches_fill_the_response_with_eos_to_a_random_length():
         assert response[:len(reasoning)] == reasoning and set(response[len(reasoning):]) <= {EOS}
         assert int(batch["attention_mask"][i].sum()) == int((batch["is_response"][i]).sum()) + sum(
             1 for c, a in zip(row["chunk_index"], row["attention_mask"]) if c == -1 and a == 1)
+
+
+def test_block_sft_trains_lora_adapters_that_merge_into_a_plain_llada(backbone_dir, tmp_path):
+    """The adaptation stage: `--objective block_sft --use_lora` trains adapters only; peft merges them into a plain
+    LLaDA that gives the adapted model's logits (the frozen backbone of a later hybrid)."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    from llada_trm.training.arguments import parse_arguments
+    from llada_trm.training.trainer import Trainer
+
+    args = ["--model_name_or_path", str(backbone_dir), "--output_dir", str(tmp_path / "run"), "--objective",
+            "block_sft", "--use_lora", "--max_steps", "2", "--num_synthetic_train", "16", "--num_synthetic_eval", "4",
+            "--batch_size", "4", "--eval_max_samples", "0", "--learning_rate", "0.05", "--max_length", "192"]
+    trainer = Trainer(parse_arguments(args, environ={}))
+    trainer.train()
+    adapted = trainer.accelerator.unwrap_model(trainer.model).eval()
+    trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    merged = PeftModel.from_pretrained(LLaDAModelLM.from_pretrained(backbone_dir), tmp_path / "run" / "model")
+    merged = merged.merge_and_unload().eval()
+    assert isinstance(merged, LLaDAModelLM)
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        base = LLaDAModelLM.from_pretrained(backbone_dir).eval()
+        assert not torch.allclose(base(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)

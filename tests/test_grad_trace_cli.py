@@ -17,7 +17,9 @@ from llada_trm.training.trainer import Trainer
 
 SMALL = ["--num_synthetic_train", "16", "--num_synthetic_eval", "4", "--eval_max_samples", "0", "--batch_size", "2",
          "--max_recursive_steps", "2", "--min_recursive_steps", "1", "--head_hidden_size", "32", "--logging_steps", "1",
-         "--max_length", "160", "--eval_split", "none"]
+         "--max_length", "160", "--eval_split", "none",
+         # The library default, not the embedded profile's 0.0: the summary counts weighted tokens only.
+         "--unmasked_chunk_weight", "1.0"]
 
 
 def records(run_dir, kind):

@@ -152,7 +152,10 @@ def test_usage_error_in_a_subprocess_has_exit_code_2_and_no_traceback(tmp_path):
 
 def test_debug_view_shows_masking_and_per_chunk_weights(backbone_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DEBUG", "1")
-    Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "1"))).train()
+    # The library defaults, not the embedded profile's: whole chunks weigh 1.3 from their first token, and unmasked
+    # ones 1.0 (the profile gives them no loss, so no line).
+    Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "1", "--no_partial_chunk_masking",
+                                      "--unmasked_chunk_weight", "1.0"))).train()
     out = capsys.readouterr().out
     assert "Masked chunks: [" in out
     assert any(line.startswith("Masked ") and "tokens (" in line for line in out.splitlines())

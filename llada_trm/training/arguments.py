@@ -6,6 +6,9 @@ command line override it. An unknown YAML key or an invalid value is a usage err
 
 The hybrid's flags are HybridConfig's own fields (name, type, default, help), and its `validate_architecture`
 is their only range check; the chunk-masking flags are `MaskingArguments`, shared with the inspect program.
+
+The program's defaults are the library's (the dataclasses' and HybridConfig's, sized for an 8B backbone) except
+where `EMBEDDED_PROFILE` overrides them: without `--config` the program runs the embedded default.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from llada_trm.model.configuration_hybrid import HybridConfig, HybridConfigError
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig
 
-OBJECTIVES = ("hybrid", "llada_sft")
+OBJECTIVES = ("hybrid", "llada_sft", "block_sft")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
@@ -54,7 +57,9 @@ class MaskingArguments:
 class _BackboneArguments:
     model_name_or_path: str = field(default="tiny-llada", metadata=_help(
         "LLaDA backbone: `tiny-llada` (shipped), a local directory, or a Hub name such as GSAI-ML/LLaDA-8B-Instruct"))
-    objective: str = field(default="hybrid", metadata=_help("hybrid (backbone + refinement head) or llada_sft"))
+    objective: str = field(default="hybrid", metadata=_help(
+        "hybrid (backbone + refinement head), llada_sft (plain LLaDA SFT) or block_sft (the backbone block-causally "
+        "with clean context: the adaptation stage before a head)"))
     use_lora: bool = field(default=False, metadata=_help("LoRA adapters on the backbone (needs peft)"))
     lora_r: int = field(default=16, metadata=_help("LoRA rank"))
     lora_alpha: int = field(default=32, metadata=_help("LoRA alpha"))
@@ -160,10 +165,38 @@ class RunArguments:
 
 PARSED_TYPES = (ModelArguments, DataArguments, TrainArguments, TruncationArguments, WeightingConfig)
 
+# The training program's defaults where they differ from the library's. The program's default backbone and data
+# are the shipped tiny LLaDA and the synthetic set, so its default sizes are theirs too (configs/default.yaml
+# states the whole profile; docs/embedded_default.md has the measurements). They live here, at the flag layer,
+# and not in HybridConfig or the dataclasses: `LLaDATRMHybrid.from_pretrained`, fresh heads, the benchmarks and
+# the inspect program keep the design's defaults, and an 8B run states its sizes in its own config.
+EMBEDDED_PROFILE = {
+    # Decoding commits one token per round, as LLaDA's sampler does, so the head trains on partly masked chunks.
+    "partial_chunk_masking": True,
+    "eval_decode_steps_per_chunk": 16,
+    # Unmasked chunks are copies of their inputs: a copying loss would dominate for this backbone.
+    "unmasked_chunk_weight": 0.0,
+    # 4x cheaper per sample than 8 steps of 2 latent updates, as accurate here; memory is no concern at this size.
+    "max_recursive_steps": 4,
+    "latent_steps": 1,
+    "checkpoint_refinement_steps": False,
+    "num_synthetic_train": 2000,
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+}
+
 
 def make_parser() -> HfArgumentParser:
     parser = HfArgumentParser(PARSED_TYPES, description="Train the LLaDA + recursive-refinement hybrid.")
     parser.add_argument("--config", default=None, help="YAML file of flag values; command-line flags override it")
+    parser.set_defaults(**EMBEDDED_PROFILE)  # before --config, whose values override the profile's
+    # HfArgumentParser adds --no_<flag> only where the dataclass default is True; a profile default of True needs it
+    # too, or the way to turn the default off would differ from every other boolean's.
+    options = parser._option_string_actions
+    for name, value in EMBEDDED_PROFILE.items():
+        if value is True and f"--no_{name}" not in options:
+            parser.add_argument(f"--no_{name}", action="store_false", dest=name,
+                                help=f"turn off --{name} (on by default)")
     return parser
 
 
@@ -245,6 +278,6 @@ def validate(model: ModelArguments, train: TrainArguments) -> None:
     require(train.dataloader_num_workers >= 0, "--dataloader_num_workers must be non-negative")
     require(train.token_grad_trace_every >= 0,
             f"--token_grad_trace_every must be non-negative (0 = off), got {train.token_grad_trace_every}")
-    if model.objective == "llada_sft":
+    if model.objective != "hybrid":
         require(not model.freeze_backbone or model.use_lora,
-                "--objective llada_sft trains the backbone: add --no_freeze_backbone or --use_lora")
+                f"--objective {model.objective} trains the backbone: add --no_freeze_backbone or --use_lora")
