@@ -87,8 +87,10 @@ def answer_accuracy(trainer: Trainer) -> dict:
 
 
 # The main command's extra points: cheap ones that the fair table lacks (it has the one-token sampler and the chunk
-# decoder at --eval_decode_steps_per_chunk rounds).
-FINAL_POINTS = {"hybrid": "sampler/t0.9,hybrid/r1", "backbone": "sampler/t0.9,chunked/r1"}
+# decoder at --eval_decode_steps_per_chunk rounds): threshold decoding, and the hybrid at its natural TPF (one pass
+# per chunk) beside the backbone-only decoders at the same TPF.
+FINAL_POINTS = {"hybrid": "sampler/t0.9,sampler/k16,chunked/r1,hybrid/r1",
+                "backbone": "sampler/t0.9,sampler/k16,chunked/r1"}
 
 
 def decoding_frontier(trainer: Trainer, points: str | None = None, flop_sample: int = 0) -> dict | None:
