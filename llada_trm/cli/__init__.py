@@ -1,8 +1,24 @@
 """The command-line programs: each parses flags, calls the library and turns user mistakes into one line and exit 2.
 
 `train` (train_llada_trm_hybrid_sft.py), `generate`, `evaluate`, `inspect_chunks`, `compare`, `ablate`,
-`pretrain` and `synthetic`. Run them as `python -m llada_trm.<name>` (`inspect` for `inspect_chunks`); the
+`pretrain`, `synthetic` and `frontier`. Run them as `python -m llada_trm.<name>` (`inspect` for `inspect_chunks`); the
 library they call lives in the stage packages.
 """
 
 EXIT_USAGE = 2  # exit code of every command-line program for a user mistake (bad path or argument)
+
+
+def add_scoring_flags(parser, backbone_help: str) -> None:
+    """The flags `evaluate` and `frontier` share: the model (--checkpoint or --backbone), the held-out problems and
+    the new-token budget."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="hybrid checkpoint directory (model + tokenizer files)")
+    source.add_argument("--backbone", help=backbone_help)
+    parser.add_argument("--dataset_name", default="synthetic")
+    parser.add_argument("--dataset_path", default=None)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--max_samples", type=int, default=200)
+    parser.add_argument("--max_length", type=int, default=512,
+                        help="longest prepared sample in tokens (at most the model's max_sequence_length)")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="new-token budget of every decoder (default: longest reference reasoning + one chunk)")

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from llada_trm.cli import EXIT_USAGE
+from llada_trm.cli import EXIT_USAGE, add_scoring_flags
 from llada_trm.data.dataset import DataArguments, prepare_dataset
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
 from llada_trm.inference.chunk_decoding import DecodingSettings
@@ -27,17 +27,7 @@ from llada_trm.model.modeling_llada import CheckpointMismatchError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="hybrid checkpoint directory (model + tokenizer files)")
-    source.add_argument("--backbone", help="LLaDA model directory or tiny-llada: a fresh hybrid with an untrained head")
-    parser.add_argument("--dataset_name", default="synthetic")
-    parser.add_argument("--dataset_path", default=None)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--max_samples", type=int, default=200)
-    parser.add_argument("--max_length", type=int, default=512,
-                        help="longest prepared sample in tokens (at most the model's max_sequence_length)")
-    parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help="new-token budget of every decoder (default: longest reference reasoning + one chunk)")
+    add_scoring_flags(parser, "LLaDA model directory or tiny-llada: a fresh hybrid with an untrained head")
     parser.add_argument("--decode_steps_per_chunk", type=int, default=1, help="rounds per chunk of the chunk decoder")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output_json", default=None, help="also write the results to this JSON file")

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from llada_trm.cli import EXIT_USAGE
+from llada_trm.cli import EXIT_USAGE, add_scoring_flags
 from llada_trm.data.dataset import DataArguments, prepare_dataset
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
 from llada_trm.inference.exact_match import default_new_token_budget, scored_rows
@@ -51,17 +51,7 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m llada_trm.frontier", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="hybrid checkpoint directory (model + tokenizer files)")
-    source.add_argument("--backbone", help="LLaDA model directory or tiny-llada: the backbone decoders only")
-    parser.add_argument("--dataset_name", default="synthetic")
-    parser.add_argument("--dataset_path", default=None)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--max_samples", type=int, default=200)
-    parser.add_argument("--max_length", type=int, default=512,
-                        help="longest prepared sample in tokens (at most the model's max_sequence_length)")
-    parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help="new-token budget of every point (default: longest reference reasoning + one chunk)")
+    add_scoring_flags(parser, "LLaDA model directory or tiny-llada: the backbone decoders only")
     parser.add_argument("--points", default=None,
                         help="comma-separated points (default: all that apply), e.g. sampler/k1,sampler/t0.9,"
                              "chunked/r16,hybrid/t0.9; kN = N tokens per step, rN = N rounds per chunk, tX = threshold")
