@@ -199,10 +199,10 @@ def full_attention_batch(rows: list[dict], eos_id: int, max_response: int, gener
         sequences.append(prompt + reasoning + [eos_id] * (length - len(reasoning)))
         responses.append([False] * len(prompt) + [True] * length)
     width = max(map(len, sequences))
-    pad = width - torch.tensor([len(sequence) for sequence in sequences])
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
     return dict(
         input_ids=torch.tensor([sequence + [eos_id] * (width - len(sequence)) for sequence in sequences]),
-        attention_mask=(torch.arange(width)[None, :] < (width - pad)[:, None]).long(),
+        attention_mask=(torch.arange(width)[None, :] < lengths[:, None]).long(),
         is_response=torch.tensor([response + [False] * (width - len(response)) for response in responses]),
     )
 
