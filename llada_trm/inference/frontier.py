@@ -38,6 +38,14 @@ class FrontierPoint:
     threshold: float | None = None  # confidence threshold instead of a fixed count
 
 
+def _number(text: str, kind: type):
+    """`kind(text)`, or None where it is not a number of that kind."""
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
 def parse_point(text: str, chunk_size: int) -> FrontierPoint:
     """`kind/kN`, `kind/rN` or `kind/tX` -> FrontierPoint; a PointError names what is wrong."""
     kind, _, setting = text.strip().partition("/")
@@ -45,19 +53,14 @@ def parse_point(text: str, chunk_size: int) -> FrontierPoint:
         raise PointError(f"point {text!r}: expected KIND/kN, KIND/rN or KIND/tX with KIND in {DECODER_KINDS}")
     letter, value = setting[0], setting[1:]
     expected = "k" if kind == "sampler" else "r"
-    try:
-        if letter == "t":
-            threshold = float(value)
-            if not 0 <= threshold < float("inf"):
-                raise ValueError
+    if letter == "t":
+        threshold = _number(value, float)
+        if threshold is not None and 0 <= threshold < float("inf"):
             return FrontierPoint(text.strip(), kind, threshold=threshold)
-        if letter == expected:
-            count = int(value)
-            if count < 1 or count > chunk_size or (kind == "sampler" and chunk_size % count):
-                raise ValueError
+    elif letter == expected:
+        count = _number(value, int)
+        if count is not None and 1 <= count <= chunk_size and (kind != "sampler" or chunk_size % count == 0):
             return FrontierPoint(text.strip(), kind, per_step=count)
-    except ValueError:
-        pass
     need = "a divisor of" if kind == "sampler" else "from 1 to"
     raise PointError(f"point {text!r}: {kind} takes {expected}N (N {need} chunk_size {chunk_size}) or tX (X >= 0)")
 

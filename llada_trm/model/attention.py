@@ -73,3 +73,20 @@ class KVCache:
         return KVCache(
             [k[rows] for k in self.keys], [v[rows] for v in self.values], self.key_blocks[rows], self.key_is_real[rows]
         )
+
+
+def clean_context_pair(clean: Tensor, noisy: Tensor, attention_mask: Tensor, chunk_index: Tensor,
+                       position_ids: Tensor | None = None) -> dict:
+    """Model inputs (B, 2L) of clean-context training: `clean` (B, L), then `noisy` as its noisy copy, with the
+    same chunk indices and positions; the copy's prompt and pad positions are padding."""
+    batch, length = clean.shape
+    if position_ids is None:
+        position_ids = torch.arange(length, device=clean.device).expand(batch, length)
+    reasoning = (chunk_index >= 0).long()
+    return dict(
+        input_ids=torch.cat((clean, noisy), dim=1),
+        attention_mask=torch.cat((attention_mask, attention_mask * reasoning), dim=1),
+        chunk_index=torch.cat((chunk_index, chunk_index), dim=1),
+        position_ids=torch.cat((position_ids, position_ids), dim=1),
+        noisy_copy=(torch.arange(2 * length, device=clean.device) >= length).expand(batch, 2 * length),
+    )

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from llada_trm.model.attention import clean_context_pair
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.head import RecursiveRefinementHead, RefinementState
 from llada_trm.model.integrity import check_safetensors, write_manifest
@@ -192,20 +193,10 @@ class LLaDATRMHybrid(PreTrainedModel):
         they see in the clean sequence; the scores are taken on the copy."""
         if labels is None:
             raise ValueError("clean_context needs `labels`: the clean copy is built from them")
-        batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         clean = labels.where(labels != -100, input_ids)
-        reasoning = (chunk_index >= 0).long()
-        return dict(
-            input_ids=torch.cat((clean, input_ids), dim=1),
-            attention_mask=torch.cat((attention_mask, attention_mask * reasoning), dim=1),
-            chunk_index=torch.cat((chunk_index, chunk_index), dim=1),
-            position_ids=torch.cat((position_ids, position_ids), dim=1),
-            noisy_copy=(torch.arange(2 * length, device=input_ids.device) >= length).expand(batch, 2 * length),
-        )
+        return clean_context_pair(clean, input_ids, attention_mask, chunk_index, position_ids)
 
     def refine_supervised(
         self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False,

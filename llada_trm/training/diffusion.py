@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llada_trm.model.attention import clean_context_pair
+
 MASK_EPS = 1e-3
 
 
@@ -65,20 +67,12 @@ def clean_context_inputs(input_ids: Tensor, attention_mask: Tensor, chunk_index:
     inputs (B, 2L) with `noisy_copy`, is_masked (B, L) and p_mask (B, L) of the noisy copy; the noisy copy's
     prompt and pad positions are padding (attention 0).
     """
-    batch, length = input_ids.shape
+    batch = input_ids.shape[0]
     num_chunks = max(1, int(chunk_index.max()) + 1)
     t = torch.rand(batch, num_chunks, generator=generator, device=input_ids.device)
     p_mask = ((1 - MASK_EPS) * t + MASK_EPS).gather(1, chunk_index.clamp(min=0))
     draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     is_masked = (draws < p_mask) & is_response.bool()
     noisy = torch.where(is_masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-    clean_copy = torch.zeros_like(is_masked)
-    inputs = dict(
-        input_ids=torch.cat((input_ids, noisy), dim=1),
-        attention_mask=torch.cat((attention_mask, attention_mask * is_response.long()), dim=1),
-        chunk_index=torch.cat((chunk_index, chunk_index), dim=1),
-        position_ids=torch.cat((positions, positions), dim=1),
-        noisy_copy=torch.cat((clean_copy, ~clean_copy), dim=1),
-    )
+    inputs = clean_context_pair(input_ids, noisy, attention_mask, chunk_index)
     return inputs, is_masked, p_mask
