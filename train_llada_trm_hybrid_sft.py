@@ -2,7 +2,7 @@
 
 import sys
 
-from llada_trm.cli.train import main
+from llada_trm.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,8 +20,8 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from llada_trm.cli.pretrain import build_config
-from llada_trm.cli.pretrain import parse_args as pretrain_defaults
+from llada_trm.pretrain import build_config
+from llada_trm.pretrain import parse_args as pretrain_defaults
 from llada_trm.data.layout import encode_prompt, render_prompt
 from llada_trm.embedded.arithmetic_task import generate_split
 from llada_trm.embedded.assets import TINY_LLADA_PATH

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import SavedTensorMeter, describe_machine, time_call  # noqa: E402
+from timing import SavedTensorMeter, describe_machine, time_call  # noqa: E402
 
 from llada_trm.model.hybrid import _score  # noqa: E402
 from llada_trm.model.lm_head_loss import lm_head_scores  # noqa: E402

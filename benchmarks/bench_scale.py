@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics
 import sys
 import warnings
@@ -38,10 +37,11 @@ import torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import SavedTensorMeter, describe_machine, naive_step, time_call  # noqa: E402
+from bench_train_step import naive_step  # noqa: E402
+from timing import SavedTensorMeter, describe_machine, time_call  # noqa: E402
 
-from llada_trm.cli.pretrain import build_config  # noqa: E402
-from llada_trm.cli.pretrain import parse_args as pretrain_defaults  # noqa: E402
+from llada_trm.pretrain import build_config  # noqa: E402
+from llada_trm.pretrain import parse_args as pretrain_defaults  # noqa: E402
 from llada_trm.data.collator import positions_in_masked_chunks  # noqa: E402
 from llada_trm.embedded.assets import TINY_LLADA_PATH  # noqa: E402
 from llada_trm.inference.chunk_decoding import generate_with_refinement  # noqa: E402

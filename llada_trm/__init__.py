@@ -4,7 +4,8 @@ from transformers import AutoConfig, AutoModel
 
 from llada_trm.data.collator import ChunkMaskingCollator
 from llada_trm.data.dataset import DataArguments, DataError, prepare_dataset
-from llada_trm.inference.chunk_decoding import DecodingSettings, RefinementOutput, generate_with_refinement
+from llada_trm.inference.chunk_decoding import RefinementOutput, generate_with_refinement
+from llada_trm.inference.decoding_settings import DecodingSettings
 from llada_trm.inference.exact_match import chunk_decoder_accuracy, fair_evaluation, llada_sampler_accuracy
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.configuration_llada import LLaDAConfig, LLaDAConfigError

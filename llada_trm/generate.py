@@ -1,8 +1,98 @@
-"""`python -m llada_trm.generate`: runs the program in llada_trm/cli/generate.py."""
+"""Generate reasoning with a hybrid checkpoint from the command line.
 
+    python -m llada_trm.generate --checkpoint runs/x/checkpoint-500 --prompt "Mia has 3 apples. ..."
+    python -m llada_trm.generate --backbone tiny-llada --prompt "..." --trace      # untrained head, to try
+    python -m llada_trm.generate --checkpoint DIR --chat                          # questions from stdin
+
+A checkpoint directory holds the hybrid (config + head weights) and the tokenizer files. Prints the reasoning,
+then `Answer: ...` (the text inside <answer>...</answer>, or `(none)`). Bad paths or arguments print one line
+on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
-from llada_trm.cli.generate import main
+import torch
+
+from llada_trm.cli import EXIT_USAGE
+from llada_trm.data.layout import extract_answer
+from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
+from llada_trm.inference.decoding_settings import DecodingSettings
+from llada_trm.model.loading import resolve_device
+from llada_trm.model.integrity import CheckpointMismatchError
+
+
+def format_trace(trace) -> str:
+    lines = []
+    for entry in trace:
+        confidence = ", ".join(f"{c:.3f}" for c in entry.confidence)
+        round_note = f" round {entry.round}" if entry.round else ""
+        lines.append(f"  chunk {entry.chunk}{round_note}: {entry.steps} steps, confidence [{confidence}]")
+    return "\n".join(lines)
+
+
+def answer_one(model, tokenizer, question: str, args) -> str:
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    max_length = min(args.max_length, model.backbone.config.max_sequence_length)
+    settings = DecodingSettings(max_length=max_length, enable_refinement=not args.no_refinement,
+                                temperature=args.temperature, decode_steps_per_chunk=args.decode_steps_per_chunk,
+                                return_trace=args.trace)
+    out = model.generate_with_refinement(question, tokenizer=tokenizer, settings=settings, generator=generator)
+    text = out.texts[0]
+    answer = extract_answer(text)
+    parts = [text.rstrip(), f"Answer: {answer if answer is not None else '(none)'}"]
+    if args.trace:
+        parts.append("Refinement trace:\n" + format_trace(out.trace[0]))
+    return "\n".join(parts)
+
+
+def chat(model, tokenizer, args) -> None:
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("question> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        print(answer_one(model, tokenizer, line.strip(), args), flush=True)
+        print()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="hybrid checkpoint directory (model + tokenizer files)")
+    source.add_argument("--backbone", help="LLaDA model directory or tiny-llada: a fresh hybrid with an untrained head")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="a question, or a prompt text containing the reasoning marker")
+    mode.add_argument("--chat", action="store_true", help="read questions from stdin until EOF or an empty line")
+    parser.add_argument("--no_refinement", action="store_true", help="decode with the backbone alone")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_length", type=int, default=512,
+                        help="total tokens, prompt included (at most the model's max_sequence_length)")
+    parser.add_argument("--decode_steps_per_chunk", type=int, default=1)
+    parser.add_argument("--trace", action="store_true", help="print refinement steps and confidences per chunk")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        model, tokenizer = load_for_inference(args.checkpoint, args.backbone, device)
+        if args.chat:
+            chat(model, tokenizer, args)
+        else:
+            print(answer_one(model, tokenizer, args.prompt, args))
+    except (InferenceSetupError, CheckpointMismatchError, ValueError, OSError) as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, no traceback
+        return EXIT_USAGE
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,81 @@
-"""`python -m llada_trm.inspect`: runs the program in llada_trm/cli/inspect_chunks.py."""
+"""The DEBUG=1 chunk inspection without training: masks, inputs, targets and per-chunk predictions.
 
+    python -m llada_trm.inspect --checkpoint runs/llada-trm/model --num_samples 2
+    python -m llada_trm.inspect --backbone tiny-llada     # a fresh head: predicts what the backbone does
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
 
-from llada_trm.cli.inspect_chunks import main
+import torch
+from transformers import HfArgumentParser
+
+from llada_trm.cli import EXIT_USAGE
+from llada_trm.data.arguments import DataArguments
+from llada_trm.data.collator import ChunkMaskingCollator
+from llada_trm.data.dataset import prepare_dataset
+from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
+from llada_trm.model.integrity import one_line
+from llada_trm.model.integrity import CheckpointMismatchError
+from llada_trm.training.arguments import MaskingArguments, UsageError
+from llada_trm.training.debug_view import format_chunk_inspection
+from llada_trm.training.objectives import MODEL_INPUTS
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, MaskingArguments]:
+    parser = HfArgumentParser(MaskingArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a trained hybrid directory (with its tokenizer)")
+    source.add_argument("--backbone", "--model_name_or_path", dest="backbone", default="tiny-llada",
+                        help="backbone for a fresh, untrained head")
+    parser.add_argument("--dataset_name", default="synthetic")
+    parser.add_argument("--dataset_path", default=None)
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--chunk_size", type=int, default=16, help="fresh head only; a checkpoint has its own")
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    masking, args = parser.parse_args_into_dataclasses(argv)
+    if args.num_samples <= 0:
+        parser.error(f"--num_samples must be positive, got {args.num_samples}")
+    try:
+        masking.validate()
+    except UsageError as error:
+        parser.error(str(error))
+    return args, masking
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, masking = parse_args(argv)
+    try:
+        model, tokenizer = load_for_inference(checkpoint=args.checkpoint,
+                                              backbone=None if args.checkpoint else args.backbone,
+                                              chunk_size=None if args.checkpoint else args.chunk_size)
+    except (InferenceSetupError, CheckpointMismatchError, OSError, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    chunk_size = model.config.chunk_size
+    data_args = DataArguments(dataset_name=args.dataset_name, dataset_path=args.dataset_path,
+                              max_length=args.max_length, max_samples=args.num_samples, eval_split=args.split)
+    try:
+        data_args.validate()
+        prepared = prepare_dataset(data_args, tokenizer, chunk_size, args.split)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    collator = ChunkMaskingCollator(tokenizer.mask_token_id, tokenizer.pad_token_id, chunk_size,
+                                    masking.mask_probability, seed=args.seed,
+                                    partial_chunk_masking=masking.partial_chunk_masking)
+    features = [prepared.dataset[i] for i in range(min(args.num_samples, len(prepared.dataset)))]
+    batch = collator(features)
+    with torch.no_grad():
+        output = model(**{k: batch[k] for k in MODEL_INPUTS})
+    for sample in range(len(features)):
+        print(format_chunk_inspection(tokenizer, batch, output, sample=sample, title=f"(sample {features[sample]['sample_id']})"))
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

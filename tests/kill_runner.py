@@ -17,7 +17,7 @@ from pathlib import Path
 
 import accelerate
 
-from llada_trm.cli.train import main
+from llada_trm.train import main
 from llada_trm.model import integrity
 from llada_trm.training import checkpointing, trainer
 

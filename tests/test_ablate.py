@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from llada_trm.cli.ablate import (
+from llada_trm.ablate import (
     COLUMNS,
     CURVES_FILE,
     SUMMARY_FILE,

@@ -111,7 +111,7 @@ def test_split_spec_read_once():
 
 
 def test_inspect_keeps_model_name_or_path_as_an_alias_of_backbone():
-    from llada_trm.cli.inspect_chunks import parse_args
+    from llada_trm.inspect import parse_args
 
     for flag in ("--backbone", "--model_name_or_path"):
         args, masking = parse_args([flag, "some/dir", "--mask_probability", "0.5"])

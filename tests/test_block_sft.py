@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import make_config
 
 from llada_trm import LLaDAModelLM
-from llada_trm.cli.pretrain import full_attention_batch
+from llada_trm.pretrain import full_attention_batch
 from llada_trm.data.collator import pad_batch
 from llada_trm.data.dataset import layout_sample
 from llada_trm.training.diffusion import MASK_EPS, clean_context_inputs

@@ -257,7 +257,7 @@ def test_partial_masking_fraction_follows_the_drawn_rate():
 
 
 def test_visible_tokens_of_a_partially_masked_chunk_weigh_as_unmasked():
-    from llada_trm.training.losses import chunk_token_weights
+    from llada_trm.model.losses import chunk_token_weights
 
     chunk_index = torch.tensor([[-1, 0, 0, 1, 1]])
     chunk_is_masked = torch.tensor([[True, False]])

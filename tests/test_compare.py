@@ -4,12 +4,11 @@ import json
 
 import pytest
 
-from llada_trm.cli.compare import (
+from llada_trm.compare import (
     FRONTIER_POINTS,
     PLOT_FILE,
     SUMMARY_FILE,
     compute_to_reach,
-    format_table,
     headline,
     main,
 )

@@ -8,14 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import HfArgumentParser
 
-from llada_trm.data.dataset import (
-    BadSample,
-    DataArgumentError,
-    DataArguments,
-    DataError,
-    layout_sample,
-    prepare_dataset,
-)
+from llada_trm.data.arguments import DataArgumentError, DataArguments
+from llada_trm.data.dataset import layout_sample, prepare_dataset
+from llada_trm.data.records import BadSample
+from llada_trm.data.sources import DataError
 from llada_trm.data.layout import MARKER, render_prompt, render_reasoning
 from llada_trm.embedded.arithmetic_task import generate_split
 

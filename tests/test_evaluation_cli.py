@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import datasets
 import pytest
 import torch
 from conftest import make_config, shipped_vocab_size
@@ -218,21 +217,21 @@ def run_module(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 def test_generate_cli_prints_the_answer(checkpoint_dirs):
     checkpoint, _ = checkpoint_dirs
-    result = run_module("llada_trm.cli.generate", "--checkpoint", str(checkpoint), "--prompt", "Mia has 3 apples.",
+    result = run_module("llada_trm.generate", "--checkpoint", str(checkpoint), "--prompt", "Mia has 3 apples.",
                         "--max_length", "100")
     assert result.returncode == 0, result.stderr
     assert "Answer: 7" in result.stdout.splitlines()
 
 
 def test_generate_cli_missing_checkpoint_is_a_one_line_error(tmp_path):
-    result = run_module("llada_trm.cli.generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi")
+    result = run_module("llada_trm.generate", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "nope" in result.stderr
 
 
 def test_generate_cli_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, checkpoint_dirs, capsys):
-    from llada_trm.cli.generate import main
+    from llada_trm.generate import main
 
     _, backbone = checkpoint_dirs
     assert main(["--checkpoint", str(tmp_path), "--prompt", "hi"]) == 2
@@ -242,7 +241,7 @@ def test_generate_cli_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, che
 
 
 def test_generate_cli_modes(checkpoint_dirs, capsys, monkeypatch):
-    from llada_trm.cli.generate import main
+    from llada_trm.generate import main
 
     checkpoint, backbone = checkpoint_dirs
     assert main(["--checkpoint", str(checkpoint), "--prompt", "Leo finds 4 coins.", "--trace", "--no_refinement",
@@ -258,7 +257,7 @@ def test_generate_cli_modes(checkpoint_dirs, capsys, monkeypatch):
 
 
 def test_evaluate_cli_reports_every_decoder(checkpoint_dirs, tmp_path, capsys):
-    from llada_trm.cli.evaluate import main
+    from llada_trm.evaluate import main
 
     checkpoint, _ = checkpoint_dirs
     records = [{"question": q, "reasoning": ["3 + 4 = 7."], "answer": a} for q, a in zip(QUESTIONS, ["7", "7", "8"])]

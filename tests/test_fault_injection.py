@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada_trm import LLaDATRMHybrid
-from llada_trm.cli.generate import main as generate_main
-from llada_trm.cli.train import main as train_main
+from llada_trm import LLaDAModelLM, LLaDATRMHybrid
+from llada_trm.generate import main as generate_main
+from llada_trm.train import main as train_main
 from llada_trm.model.integrity import MANIFEST, BrokenFileError, write_manifest
-from llada_trm.model.loading import load_backbone, load_tokenizer, resolve_device
+from llada_trm.model.loading import load_tokenizer, resolve_device
 from llada_trm.training.checkpointing import complete_checkpoints, resolve_resume, validate_checkpoint
 from llada_trm.training.run_directory import acquire_lock, release_lock
 
@@ -180,11 +180,11 @@ def test_backbone_loaders_raise_typed_errors_naming_the_path(backbone_dir, tmp_p
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(BrokenFileError, match="no config.json"):
-        load_backbone(str(empty))
+        LLaDAModelLM.from_pretrained(str(empty))
     with pytest.raises(BrokenFileError, match="no tokenizer files"):
         load_tokenizer(str(empty))
     with pytest.raises(BrokenFileError, match="runs/missing/model: no such directory"):
-        load_backbone("runs/missing/model")
+        LLaDAModelLM.from_pretrained("runs/missing/model")
     copy = tmp_path / "copy"
     shutil.copytree(backbone_dir, copy)
     (copy / "tokenizer_config.json").unlink()
@@ -303,8 +303,7 @@ def test_a_second_live_run_in_the_same_directory_is_refused(run_copy, backbone_d
 
 @pytest.mark.parametrize("cli", ["generate", "evaluate", "inspect"])
 def test_inference_clis_on_a_truncated_checkpoint_print_one_line(cli, run_copy, capsys):
-    from llada_trm.cli import evaluate, generate
-    from llada_trm.cli import inspect_chunks as inspect
+    from llada_trm import evaluate, generate, inspect
 
     model_dir = run_copy / "checkpoint-3" / "model"
     truncate(model_dir / "model.safetensors")
@@ -346,9 +345,9 @@ def test_resume_with_other_head_settings_is_one_line_naming_both_values(run_copy
 def test_head_weights_of_another_shape_are_one_error_naming_the_file(run_copy, backbone_dir):
     """The loader's own check, for a checkpoint whose config no longer describes its weights."""
     from llada_trm.model.configuration_hybrid import HybridConfig
-    from llada_trm.model.modeling_llada import CheckpointMismatchError
+    from llada_trm.model.integrity import CheckpointMismatchError
 
-    wider = LLaDATRMHybrid(HybridConfig(chunk_size=16, head_hidden_size=64), backbone=load_backbone(backbone_dir))
+    wider = LLaDATRMHybrid(HybridConfig(chunk_size=16, head_hidden_size=64), backbone=LLaDAModelLM.from_pretrained(backbone_dir))
     weights = run_copy / "checkpoint-3" / "model.safetensors"
     with pytest.raises(CheckpointMismatchError, match="mis-shaped head weights"):
         wider.load_head_weights(weights)

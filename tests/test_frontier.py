@@ -218,7 +218,7 @@ def checkpoint(backbone_dir, tmp_path_factory, shipped_rows):
 
 
 def test_frontier_command_writes_the_table_and_json(checkpoint, tmp_path, capsys):
-    from llada_trm.cli.frontier import main
+    from llada_trm.frontier import main
 
     points = "sampler/k4,sampler/t0.5,chunked/r1,hybrid/r1,hybrid/t0.9"
     assert main(["--checkpoint", str(checkpoint), "--max_samples", "3", "--max_new_tokens", "32", "--points", points,
@@ -235,7 +235,7 @@ def test_frontier_command_writes_the_table_and_json(checkpoint, tmp_path, capsys
 
 
 def test_frontier_command_usage_errors_are_one_line(backbone_dir, tmp_path, capsys):
-    from llada_trm.cli.frontier import main
+    from llada_trm.frontier import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--backbone", str(backbone_dir), "--max_samples", "0"])

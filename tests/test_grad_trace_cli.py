@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llada_trm import LLaDAConfig
-from llada_trm.cli.train import main as train_main
+from llada_trm.train import main as train_main
 from llada_trm.embedded.assets import TINY_LLADA_PATH
-from llada_trm.grad_trace.__main__ import main as trace_main
+from llada_trm.grad_trace import main as trace_main
 from llada_trm.training.arguments import parse_arguments
 from llada_trm.training.trainer import Trainer
 

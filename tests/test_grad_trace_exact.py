@@ -5,9 +5,9 @@ import torch
 from conftest import make_config
 
 from llada_trm import HybridConfig, LLaDAModelLM, LLaDATRMHybrid
-from llada_trm.grad_trace import TokenGradTracer
+from llada_trm.training.grad_trace import TokenGradTracer
 from llada_trm.training.diffusion import forward_mask
-from llada_trm.training.losses import step_weights
+from llada_trm.model.losses import step_weights
 from llada_trm.training.objectives import HybridObjective, LLaDASFTObjective
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig

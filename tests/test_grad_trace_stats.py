@@ -2,7 +2,7 @@
 
 import pytest
 
-from llada_trm.grad_trace.stats import gini, opposing_fraction, pearson, summary, weight_fraction
+from llada_trm.training.grad_trace.stats import gini, opposing_fraction, pearson, summary, weight_fraction
 
 
 def test_gini_by_hand():

@@ -7,7 +7,7 @@ from conftest import make_config
 from llada_trm import LLaDAModelLM
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
-from llada_trm.training.losses import chunk_token_weights, deep_supervision_loss
+from llada_trm.model.losses import chunk_token_weights, deep_supervision_loss
 
 PAD = 1
 

@@ -15,7 +15,7 @@ from test_fault_injection import assert_same_losses, losses
 from test_fault_injection import run_args as fault_run_args
 
 from llada_trm import LLaDATRMHybrid
-from llada_trm.cli.train import main as train_main
+from llada_trm.train import main as train_main
 from llada_trm.training.checkpointing import checkpoint_step, complete_checkpoints, resolve_resume, validate_checkpoint
 
 TESTS = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ from conftest import make_config
 
 from llada_trm import HybridConfig, LLaDAModelLM, LLaDATRMHybrid
 from llada_trm.training.arguments import UsageError, parse_arguments
-from llada_trm.training.losses import deep_supervision_loss
+from llada_trm.model.losses import deep_supervision_loss
 from llada_trm.training.objectives import HybridObjective
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig

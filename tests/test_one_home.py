@@ -8,8 +8,9 @@ from test_refinement_decoding import PROMPTS, tiny_hybrid
 
 from llada_trm.data.collator import positions_in_masked_chunks
 from llada_trm.data.layout import encode_prompt, render_prompt, text_ids, with_bos
-from llada_trm.inference.chunk_decoding import DecodingSettings, generate_with_refinement
-from llada_trm.training.losses import chunk_token_weights, hybrid_loss
+from llada_trm.inference.chunk_decoding import generate_with_refinement
+from llada_trm.inference.decoding_settings import DecodingSettings
+from llada_trm.model.losses import chunk_token_weights, hybrid_loss
 from llada_trm.training.objectives import HybridObjective
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig
@@ -77,7 +78,7 @@ def test_positions_in_masked_chunks_are_the_weight_rule():
 
 
 def test_inference_loader_lives_in_the_library_and_the_cli_reexports_it():
-    import llada_trm.cli.generate as generate_cli
+    import llada_trm.generate as generate_cli
     from llada_trm.cli import EXIT_USAGE
     from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
 

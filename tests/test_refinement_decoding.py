@@ -152,15 +152,13 @@ def test_answer_close_token_stops_generation(shipped_tokenizer):
 
 
 def test_answer_close_split_over_tokens_is_found_in_the_text(shipped_tokenizer):
-    from llada_trm.inference.chunk_decoding import Settings
+    from llada_trm.inference.decoding_settings import Vocabulary
 
     pieces = [shipped_tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("7 <", "/answer>", " x")]
     tokens = [t for piece in pieces for t in piece]
     assert shipped_tokenizer.convert_tokens_to_ids(ANSWER_CLOSE) not in tokens
-    settings = Settings(chunk_size=4, mask_id=2, eos_id=1, pad_id=1, refine=True, use_cache=True, min_steps=1,
-                        max_steps=1, threshold=0.9, temperature=0.0, rounds=1, answer_close_id=None,
-                        tokenizer=shipped_tokenizer, ignore_eos=False)
-    keep = stop_length(tokens, 0, settings)
+    vocabulary = Vocabulary(mask_id=2, eos_id=1, pad_id=1, answer_close_id=None, tokenizer=shipped_tokenizer)
+    keep = stop_length(tokens, 0, vocabulary)
     assert keep == len(pieces[0]) + len(pieces[1])
     assert shipped_tokenizer.decode(tokens[:keep]).endswith(ANSWER_CLOSE)
 

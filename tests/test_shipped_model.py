@@ -4,7 +4,7 @@ import torch
 from transformers import AutoTokenizer
 
 from llada_trm import LLaDAModelLM
-from llada_trm.cli.pretrain import encode_documents
+from llada_trm.pretrain import encode_documents
 from llada_trm.data.dataset import DataArguments, prepare_dataset
 from llada_trm.data.layout import MARKER, render_example
 from llada_trm.embedded.arithmetic_task import generate_split

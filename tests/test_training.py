@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llada_trm import LLaDATRMHybrid
-from llada_trm.cli.train import main
+from llada_trm.train import main
 from llada_trm.training.arguments import parse_arguments
 from llada_trm.training.checkpointing import complete_checkpoints, resolve_resume
 from llada_trm.training.trainer import Trainer, TrainingError
@@ -240,7 +240,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(backbone_dir, tmp_path):
 
 
 def test_inspect_shows_the_debug_view_without_training(backbone_dir, capsys):
-    from llada_trm.cli.inspect_chunks import main as inspect_main
+    from llada_trm.inspect import main as inspect_main
 
     assert inspect_main(["--model_name_or_path", str(backbone_dir), "--chunk_size", "8", "--num_samples", "2"]) == 0
     out = capsys.readouterr().out

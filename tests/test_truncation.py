@@ -15,12 +15,11 @@ from llada_trm.training.truncation import (
     TRUNCATION_PRESETS,
     TruncationConfig,
     TruncationConfigError,
-    TruncationLogger,
     linear_quantile,
     truncation_decisions,
     truncation_keep_mask,
-    truncation_metrics,
 )
+from llada_trm.training.truncation_log import TruncationLogger, truncation_metrics
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "truncation.md"
 

@@ -55,6 +55,12 @@ def mask_seed(seed: int, epoch: int, sample_id: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def micro_batch_generator(seed: int, step: int, micro: int, rank: int, device) -> torch.Generator:
+    """The random generator of micro-batch `micro` of optimiser step `step` on process `rank` (the objectives'
+    noise: LLaDA's masking ratio, dropped chunks); the gradient trace replays it."""
+    return torch.Generator(device=device).manual_seed(mask_seed(seed, step, micro * 65536 + rank) % (2**63))
+
+
 def draw_masked_chunks(num_chunks: int, mask_probability: float, seed: int, epoch: int, sample_id: int,
                        partial_chunk_size: int | None = None) -> torch.Tensor:
     """(num_chunks,) bool: each chunk masked with `mask_probability`; if none was drawn, one uniformly.

@@ -4,7 +4,7 @@ Problems are drawn from one seeded stream and routed to train / validation / tes
 text, so the splits never share a question whatever sizes are asked for. Each record has the shape
 `{"question", "reasoning": [step, ...], "answer"}` (one step a line, an exact-match integer answer).
 
-Write a split to a file with `python -m llada_trm.synthetic` (llada_trm/cli/synthetic.py).
+Write a split to a file with `python -m llada_trm.synthetic` (llada_trm/synthetic.py).
 """
 
 from __future__ import annotations

@@ -7,12 +7,10 @@ pad token is the EOS token `<|endoftext|>`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
-
-from llada_trm.data.layout import ANSWER_CLOSE, ANSWER_OPEN
 
 BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
@@ -27,8 +25,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train the domain BPE on `texts` and wrap it as a transformers fast tokenizer."""
+def train_tokenizer(texts: Iterable[str], *, whole_tokens: Sequence[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train the domain BPE on `texts` and wrap it as a transformers fast tokenizer; each of `whole_tokens` (the
+    layout's answer tags) becomes one ordinary token, so generation can stop on `</answer>` in token space."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -52,6 +51,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
         padding_side="left",
         model_max_length=1024,
     )
-    # The answer tags as single (non-special) tokens: generation can stop on `</answer>` in token space.
-    wrapped.add_tokens([ANSWER_OPEN, ANSWER_CLOSE])
+    wrapped.add_tokens(list(whole_tokens))
     return wrapped

@@ -25,13 +25,14 @@ Notable:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from llada_trm.data.layout import ANSWER_CLOSE
-from llada_trm.inference.prompts import left_pad, new_token_budgets, prompt_token_lists, single_token_id
+from llada_trm.inference.decoding_settings import DecodingSettings, Vocabulary, decoding_vocabulary
+from llada_trm.inference.prompts import left_pad, new_token_budgets, prompt_token_lists
 from llada_trm.inference.sampler import PassCounter, commit_above_threshold, commit_top_k, propose, transfer_schedule
 from llada_trm.model.attention import KVCache
 from llada_trm.model.head import RefinementState
@@ -66,118 +67,6 @@ class Caches:
         return Caches(self.backbone.select_batch(rows), head)
 
 
-@dataclass
-class DecodingSettings:
-    """How `generate_with_refinement` decodes. None: the model config's value (refinement settings).
-
-    max_length: total tokens per row, prompt included (`max_new_tokens`, when set, counts new tokens only).
-    enable_refinement: False decodes with the backbone's logits alone (same chunk-by-chunk schedule).
-    use_cache: False recomputes the whole sequence for every chunk (the reference the cached path equals).
-    temperature: 0 commits the argmax, otherwise tokens are sampled.
-    decode_steps_per_chunk: rounds per chunk; each commits the most confident still-masked tokens.
-    commit_threshold: instead of a fixed number of rounds, each round commits every still-masked token whose
-        confidence is >= it, and at least the most confident one, until the chunk has no mask left
-        (`decode_steps_per_chunk` is then not used). Above 1: one token a round; 0: the whole chunk in one round.
-    refine_confidence_threshold / min_recursive_steps / max_recursive_steps: adaptive refinement, per row and chunk.
-    return_trace: also return, per row, the steps and confidences of every chunk and round.
-    ignore_eos: keep decoding to the length limit after EOS or `</answer>` (benchmarks).
-    """
-
-    max_length: int = 512
-    max_new_tokens: int | None = None
-    enable_refinement: bool = True
-    use_cache: bool = True
-    temperature: float = 0.0
-    decode_steps_per_chunk: int = 1
-    commit_threshold: float | None = None
-    refine_confidence_threshold: float | None = None
-    min_recursive_steps: int | None = None
-    max_recursive_steps: int | None = None
-    return_trace: bool = False
-    ignore_eos: bool = False
-
-    def with_overrides(self, **overrides) -> "DecodingSettings":
-        """A copy with some fields changed; an unknown name is a TypeError naming it."""
-        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
-        if unknown:
-            raise TypeError(f"unknown decoding setting(s) {unknown}; DecodingSettings has "
-                            f"{[f.name for f in fields(self)]}")
-        return replace(self, **overrides)
-
-    def resolved(self, config) -> "DecodingSettings":
-        """The settings with the model config's defaults filled in, checked against it (`config`: a HybridConfig).
-        Every decoding setting is validated here."""
-        chunk_size = config.chunk_size
-        min_steps = config.min_recursive_steps if self.min_recursive_steps is None else self.min_recursive_steps
-        max_steps = config.max_recursive_steps if self.max_recursive_steps is None else self.max_recursive_steps
-        threshold = self.refine_confidence_threshold
-        threshold = config.refine_confidence_threshold if threshold is None else threshold
-        rounds, temperature, max_new_tokens = self.decode_steps_per_chunk, self.temperature, self.max_new_tokens
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= chunk_size:
-            raise ValueError(f"decode_steps_per_chunk must be an integer from 1 to chunk_size ({chunk_size}), "
-                             f"got {rounds!r}")
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if not (isinstance(min_steps, int) and isinstance(max_steps, int) and 1 <= min_steps <= max_steps):
-            raise ValueError(f"need 1 <= min_recursive_steps <= max_recursive_steps, got {min_steps} and {max_steps}")
-        if not threshold >= 0:
-            raise ValueError(f"refine_confidence_threshold must be >= 0, got {threshold}")
-        commit = self.commit_threshold
-        if commit is not None and (isinstance(commit, bool) or not isinstance(commit, (int, float))
-                                   or not 0 <= commit < float("inf")):
-            raise ValueError(f"commit_threshold must be a finite number >= 0 or None, got {commit!r}")
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                           or max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        return replace(self, min_recursive_steps=min_steps, max_recursive_steps=max_steps,
-                       refine_confidence_threshold=float(threshold), temperature=float(temperature))
-
-
-@dataclass
-class Settings:
-    """What one decoding run needs, resolved from `DecodingSettings`, the model and the tokenizer."""
-
-    chunk_size: int
-    mask_id: int
-    eos_id: int | None
-    pad_id: int
-    refine: bool
-    use_cache: bool
-    min_steps: int
-    max_steps: int
-    threshold: float
-    temperature: float
-    rounds: int
-    answer_close_id: int | None  # `</answer>` as one token, else found in the decoded text
-    tokenizer: object | None
-    ignore_eos: bool
-    commit_threshold: float | None = None  # None: `rounds` rounds per chunk
-
-
-# ------------------------------------------------------------------------------------------ settings
-
-
-def _resolve_settings(model, tokenizer, decoding: DecodingSettings) -> Settings:
-    """`decoding` (resolved against model.config) plus the token ids of the model and tokenizer."""
-    backbone_config = model.backbone.config
-    decoding = decoding.resolved(model.config)
-    eos_id = backbone_config.eos_token_id
-    if eos_id is None and tokenizer is not None:
-        eos_id = tokenizer.eos_token_id
-    pad_id = backbone_config.pad_token_id
-    if pad_id is None and tokenizer is not None:
-        pad_id = tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-    return Settings(
-        chunk_size=model.config.chunk_size, mask_id=backbone_config.mask_token_id, eos_id=eos_id, pad_id=pad_id,
-        refine=decoding.enable_refinement, use_cache=decoding.use_cache, min_steps=decoding.min_recursive_steps,
-        max_steps=decoding.max_recursive_steps, threshold=decoding.refine_confidence_threshold,
-        temperature=decoding.temperature, rounds=decoding.decode_steps_per_chunk,
-        commit_threshold=None if decoding.commit_threshold is None else float(decoding.commit_threshold),
-        answer_close_id=single_token_id(tokenizer, ANSWER_CLOSE), tokenizer=tokenizer, ignore_eos=decoding.ignore_eos,
-    )
-
-
 # ------------------------------------------------------------------------------------------ model passes
 
 
@@ -201,17 +90,17 @@ class PassResult:
 
 
 def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor, past: Caches | None,
-                settings: Settings, extend_cache: bool) -> PassResult:
+                settings: DecodingSettings, extend_cache: bool) -> PassResult:
     """One pass over `ids` = [block, masked chunk]; the masked chunk (the last `chunk_size` positions) is refined
     with adaptive steps per row.
 
     With `extend_cache`, the block (the prompt or the chunk committed last) is appended to the caches: through the
-    backbone and through every call of all `max_steps` refinement steps, as an unmasked chunk runs in training.
+    backbone and through every call of all `max_recursive_steps` refinement steps, as an unmasked chunk runs in training.
     Block-causal attention keeps the block independent of the masked chunk, so sharing the pass changes nothing
     for either and saves one backbone pass and the shared head calls per chunk. Without `extend_cache`, `ids` is
     either the masked chunk alone (a later decode round) or the whole sequence (the uncached reference).
     """
-    size = settings.chunk_size
+    size = model.config.chunk_size
     out = model.backbone(
         input_ids=ids, attention_mask=attention_mask, chunk_index=chunk_index,
         past_key_values=past.backbone if past is not None else None,
@@ -221,7 +110,7 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
     masked_chunk = (slice(None), slice(-size, None))  # the last chunk_size positions of every row
     chunk_hidden = hidden[masked_chunk]
     backbone_cache = drop_last(out.cache, size) if extend_cache else None
-    if not settings.refine:
+    if not settings.enable_refinement:
         logits = model.backbone.lm_head(chunk_hidden)
         steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
         caches = Caches(backbone_cache, None) if extend_cache else None
@@ -240,7 +129,7 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
     steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
     chosen, confidences = None, []
     head_caches: list[KVCache] | None = [] if extend_cache else None
-    for step in range(1, settings.max_steps + 1):
+    for step in range(1, settings.max_recursive_steps + 1):
         decoding = not bool(done.all())
         if not decoding and not extend_cache:
             break
@@ -260,7 +149,7 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
             # Rows that already stopped keep the logits of their stopping step; the others take this step's.
             chosen = logits if chosen is None else torch.where(done[:, None, None], chosen, logits)
             steps = torch.where(done, steps, step)
-            done |= (step >= settings.min_steps) & (confidence >= settings.threshold)
+            done |= (step >= settings.min_recursive_steps) & (confidence >= settings.refine_confidence_threshold)
     caches = Caches(backbone_cache, head_caches) if extend_cache else None
     return PassResult(chosen, steps, torch.stack(confidences, dim=1), caches)
 
@@ -279,18 +168,16 @@ def token_stop(tokens: list[int], start: int, eos_id: int | None, answer_close_i
     return None
 
 
-def stop_length(tokens: list[int], chunk_start: int, settings: Settings) -> int | None:
+def stop_length(tokens: list[int], chunk_start: int, vocabulary: Vocabulary) -> int | None:
     """Tokens to keep when the chunk just committed (tokens[chunk_start:]) ends the row, else None.
 
     EOS ends a row before itself; `</answer>` after itself (by token id, or by text when it is several tokens).
     """
-    if settings.ignore_eos:
-        return None
-    stop = token_stop(tokens, chunk_start, settings.eos_id, settings.answer_close_id)
+    stop = token_stop(tokens, chunk_start, vocabulary.eos_id, vocabulary.answer_close_id)
     if stop is not None:
         return stop
-    tokenizer = settings.tokenizer
-    if settings.answer_close_id is None and tokenizer is not None and ANSWER_CLOSE in tokenizer.decode(tokens):
+    tokenizer = vocabulary.tokenizer
+    if vocabulary.answer_close_id is None and tokenizer is not None and ANSWER_CLOSE in tokenizer.decode(tokens):
         for i in range(chunk_start, len(tokens)):
             if ANSWER_CLOSE in tokenizer.decode(tokens[: i + 1]):
                 return i + 1
@@ -303,16 +190,18 @@ def stop_length(tokens: list[int], chunk_start: int, settings: Settings) -> int 
 class ChunkDecoder:
     """The state of one batched decoding run: active rows, their caches, committed tokens and traces."""
 
-    def __init__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, budgets: list[int], settings: Settings,
-                 generator: torch.Generator | None, return_trace: bool):
-        self.model, self.settings, self.generator = model, settings, generator
+    def __init__(self, model, prompt_ids: Tensor, prompt_mask: Tensor, budgets: list[int],
+                 settings: DecodingSettings, vocabulary: Vocabulary, generator: torch.Generator | None):
+        """`settings` resolved against the model's config (`DecodingSettings.resolved`)."""
+        self.model, self.settings, self.vocabulary, self.generator = model, settings, vocabulary, generator
+        self.chunk_size = model.config.chunk_size
         self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
         self.device = prompt_ids.device
         self.budgets = budgets
         batch = len(budgets)
         self.generated: list[list[int]] = [[] for _ in range(batch)]
         self.keep = list(budgets)  # tokens of each row that end up in the output
-        self.trace = [[] for _ in range(batch)] if return_trace else None
+        self.trace = [[] for _ in range(batch)] if settings.return_trace else None
         self.active = torch.arange(batch, device=self.device)
         self.passes = PassCounter()
         self.chunks: list[Tensor] = []  # committed chunks (B, C) of the whole batch, pad for finished rows
@@ -323,12 +212,12 @@ class ChunkDecoder:
 
     def run(self) -> int:
         """Decode chunk by chunk until every row has finished; returns the number of chunks run."""
-        size = self.settings.chunk_size
+        size = self.chunk_size
         num_chunks = -(-max(self.budgets) // size)
         for k in range(num_chunks):
             chunk = self.decode_chunk(k)  # (n, C) for the active rows
             if len(self.active) < len(self.budgets):  # finished rows get pad
-                full = torch.full((len(self.budgets), size), self.settings.pad_id, dtype=torch.long, device=self.device)
+                full = torch.full((len(self.budgets), size), self.vocabulary.pad_id, dtype=torch.long, device=self.device)
                 full[self.active] = chunk
             else:
                 full = chunk
@@ -347,14 +236,14 @@ class ChunkDecoder:
         return num_chunks
 
     def decode_chunk(self, k: int) -> Tensor:
-        """Commit chunk k of the active rows: in `rounds` rounds, most confident tokens first, or by threshold."""
-        settings, size = self.settings, self.settings.chunk_size
-        n = len(self.active)
-        current = torch.full((n, size), settings.mask_id, dtype=torch.long, device=self.device)
-        if settings.commit_threshold is not None:
+        """Commit chunk k of the active rows: in `decode_steps_per_chunk` rounds, most confident tokens first, or
+        by threshold."""
+        rounds, size, n = self.settings.decode_steps_per_chunk, self.chunk_size, len(self.active)
+        current = torch.full((n, size), self.vocabulary.mask_id, dtype=torch.long, device=self.device)
+        if self.settings.commit_threshold is not None:
             return self.decode_chunk_by_threshold(k, current)
-        schedule = transfer_schedule(torch.full((n,), size, device=self.device), settings.rounds)  # (n, rounds)
-        for r in range(settings.rounds):
+        schedule = transfer_schedule(torch.full((n,), size, device=self.device), rounds)  # (n, rounds)
+        for r in range(rounds):
             x0, token_confidence = self.propose_round(k, r, current)
             current = commit_top_k(current, x0, token_confidence, schedule[:, r])
         return current
@@ -364,9 +253,9 @@ class ChunkDecoder:
         at least the most confident one. The mask token is never proposed, so every round commits at least one
         token and a chunk takes at most chunk_size rounds. Round 0 runs every row (it also appends the block
         before the chunk to the caches); later rounds only the rows with masks left."""
-        threshold, mask_id = self.settings.commit_threshold, self.settings.mask_id
+        threshold, mask_id = self.settings.commit_threshold, self.vocabulary.mask_id
         open_caches, open_count = None, len(current)  # the caches of the open rows, and how many they hold
-        for r in range(self.settings.chunk_size):
+        for r in range(self.chunk_size):
             open_rows = (current == mask_id).any(dim=1)
             if not open_rows.any():
                 break
@@ -384,7 +273,7 @@ class ChunkDecoder:
                       caches: Caches | None = None) -> tuple[Tensor, Tensor]:
         """Round r of chunk k: one pass over the active rows (or those at indices `rows`, with `caches` their
         caches), and the proposal (tokens, confidences) for the still-masked positions of `current`."""
-        settings = self.settings
+        settings, mask_id = self.settings, self.vocabulary.mask_id
         ids, mask, chunk_index, extend_cache = self.model_inputs(k, current, rows)
         past = self.caches if rows is None else caches
         result = refine_pass(self.model, ids, mask, chunk_index, past, settings, extend_cache)
@@ -392,8 +281,8 @@ class ChunkDecoder:
         if extend_cache:
             self.caches, self.pending = result.caches, None
         logits, steps, confidence = result.logits.clone(), result.steps, result.confidence
-        logits[..., settings.mask_id] = -torch.inf
-        x0, token_confidence = propose(logits, current, settings.mask_id, settings.temperature, "low_confidence",
+        logits[..., mask_id] = -torch.inf
+        x0, token_confidence = propose(logits, current, mask_id, settings.temperature, "low_confidence",
                                        self.generator)
         if self.trace is not None:
             active = self.active if rows is None else self.active[rows]
@@ -428,23 +317,23 @@ class ChunkDecoder:
             tokens = self.generated[row]
             start = len(tokens)
             tokens.extend(chunk_tokens)
-            stop = stop_length(tokens, start, self.settings)
+            stop = None if self.settings.ignore_eos else stop_length(tokens, start, self.vocabulary)
             self.keep[row] = min(stop if stop is not None else len(tokens), self.budgets[row])
             running.append(stop is None and len(tokens) < self.budgets[row])
         return running
 
     def output(self, num_chunks: int) -> RefinementOutput:
-        settings = self.settings
+        vocabulary = self.vocabulary
         new_tokens = [tokens[:keep] for tokens, keep in zip(self.generated, self.keep)]
         width = self.prompt_ids.shape[1]
-        sequences = torch.full((len(new_tokens), width + num_chunks * settings.chunk_size), settings.pad_id,
+        sequences = torch.full((len(new_tokens), width + num_chunks * self.chunk_size), vocabulary.pad_id,
                                dtype=torch.long, device=self.device)
         sequences[:, :width] = self.prompt_ids
         for b, tokens in enumerate(new_tokens):
             sequences[b, width: width + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         texts = None
-        if settings.tokenizer is not None:
-            texts = [settings.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new_tokens]
+        if vocabulary.tokenizer is not None:
+            texts = [vocabulary.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new_tokens]
         return RefinementOutput(sequences, new_tokens, texts, self.trace, self.passes.backbone_row_passes)
 
 
@@ -466,15 +355,17 @@ def generate_with_refinement(
     generator: draws the samples when temperature > 0.
     """
     decoding = (settings if settings is not None else DecodingSettings()).with_overrides(**overrides)
-    run_settings = _resolve_settings(model, tokenizer, decoding)
-    rows = prompt_token_lists(prompt, tokenizer, run_settings.pad_id)
-    budgets = new_token_budgets(rows, decoding.max_length, decoding.max_new_tokens, run_settings.chunk_size,
+    decoding = decoding.resolved(model.config)
+    vocabulary = decoding_vocabulary(model.backbone.config, tokenizer)
+    chunk_size = model.config.chunk_size
+    rows = prompt_token_lists(prompt, tokenizer, vocabulary.pad_id)
+    budgets = new_token_budgets(rows, decoding.max_length, decoding.max_new_tokens, chunk_size,
                                 model.backbone.config.max_sequence_length)
-    prompt_ids, prompt_mask = left_pad(rows, run_settings.chunk_size, run_settings.pad_id, model.device)
+    prompt_ids, prompt_mask = left_pad(rows, chunk_size, vocabulary.pad_id, model.device)
     was_training = model.training
     model.eval()
     try:
-        decoder = ChunkDecoder(model, prompt_ids, prompt_mask, budgets, run_settings, generator, decoding.return_trace)
+        decoder = ChunkDecoder(model, prompt_ids, prompt_mask, budgets, decoding, vocabulary, generator)
         return decoder.output(decoder.run())
     finally:
         model.train(was_training)

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from llada_trm.data.layout import ANSWER_CLOSE, extract_answer
-from llada_trm.inference.chunk_decoding import DecodingSettings, generate_with_refinement, token_stop
+from llada_trm.inference.chunk_decoding import generate_with_refinement, token_stop
+from llada_trm.inference.decoding_settings import DecodingSettings
 from llada_trm.inference.prompts import left_pad, single_token_id
 from llada_trm.inference.sampler import PassCounter, generate
 

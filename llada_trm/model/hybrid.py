@@ -25,9 +25,9 @@ from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.head import RecursiveRefinementHead, RefinementState
 from llada_trm.model.integrity import check_safetensors, write_manifest
 from llada_trm.model.lm_head_loss import lm_head_scores
-from llada_trm.model.loading import load_backbone, load_hybrid_config
+from llada_trm.model.loading import load_hybrid_config
 from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
-from llada_trm.training.losses import chunk_token_weights, hybrid_loss
+from llada_trm.model.losses import chunk_token_weights, hybrid_loss
 
 HEAD_WEIGHTS = "model.safetensors"
 
@@ -69,7 +69,7 @@ class LLaDATRMHybrid(PreTrainedModel):
     def __init__(self, config: HybridConfig, backbone: LLaDAModelLM | None = None):
         super().__init__(config)
         if backbone is None:
-            backbone = load_backbone(config.backbone_name_or_path)
+            backbone = LLaDAModelLM.from_pretrained(config.backbone_name_or_path)
         config.resolve_head_shape(backbone.config.d_model)
         config.validate_architecture()
         self.backbone = backbone
@@ -317,7 +317,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         config = load_hybrid_config(path)
         if backbone is None:
             source = path / "backbone" if config.backbone_in_checkpoint else config.backbone_name_or_path
-            backbone = load_backbone(source, **({"dtype": dtype} if dtype is not None else {}))
+            backbone = LLaDAModelLM.from_pretrained(source, **({"dtype": dtype} if dtype is not None else {}))
         model = cls(config, backbone)
         model.load_head_weights(path / HEAD_WEIGHTS)
         return model

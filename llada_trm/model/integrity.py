@@ -33,6 +33,10 @@ class BrokenFileError(OSError):
         super().__init__(f"{path}: {' '.join(str(problem).split())}")
 
 
+class CheckpointMismatchError(RuntimeError):
+    """Weights on disk that do not fit the model: never silently replaced by a random init."""
+
+
 def one_line(error: BaseException) -> str:
     """An exception's message collapsed to one line (library errors often span several)."""
     text = " ".join(str(error).split()) or type(error).__name__

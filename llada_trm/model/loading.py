@@ -16,16 +16,17 @@ import torch
 
 from llada_trm.embedded.assets import resolve_backbone_path
 from llada_trm.model.configuration_llada import LLaDAConfigError
+from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.integrity import (
     MANIFEST,
     BrokenFileError,
+    CheckpointMismatchError,
     check_file,
     check_json,
     one_line,
     read_manifest,
     verify_manifest,
 )
-from llada_trm.model.modeling_llada import CheckpointMismatchError
 
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -117,17 +118,8 @@ def checked_model_source(name_or_path) -> Path | str:
     return source
 
 
-def load_backbone(name_or_path: str, **kwargs):
-    """`LLaDAModelLM.from_pretrained`, which checks the directory first (`checked_model_source`)."""
-    from llada_trm.model.modeling_llada import LLaDAModelLM
-
-    return LLaDAModelLM.from_pretrained(name_or_path, **kwargs)
-
-
 def load_hybrid_config(directory: Path):
     """The HybridConfig of a checked hybrid directory (config.json of model_type llada_trm_hybrid, head weights)."""
-    from llada_trm.model.configuration_hybrid import HybridConfig
-
     source = locate(directory)
     if not isinstance(source, Path):
         raise BrokenFileError(directory, "no such directory")

@@ -21,10 +21,8 @@ from llada_trm.model.attention import KVCache, attend, attention_allowed
 from llada_trm.model.block_rule import block_ids
 from llada_trm.model.configuration_llada import LLaDAConfig
 from llada_trm.model.flex_attention import block_causal_block_mask, use_flex
-
-
-class CheckpointMismatchError(RuntimeError):
-    """Weights on disk that do not fit the model: never silently replaced by a random init."""
+from llada_trm.model.integrity import CheckpointMismatchError
+from llada_trm.model.loading import checked_model_source, library_call
 
 
 class RMSNorm(nn.Module):
@@ -203,8 +201,6 @@ class LLaDAPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, but missing, unexpected or mis-shaped weights are an error, and a
         missing or damaged local directory is one `BrokenFileError` line naming the file (llada_trm.model.loading)."""
-        from llada_trm.model.loading import checked_model_source, library_call  # late: loading imports this module
-
         source = checked_model_source(pretrained_model_name_or_path)
         wants_info = kwargs.pop("output_loading_info", False)
         load = super().from_pretrained

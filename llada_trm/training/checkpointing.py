@@ -37,7 +37,7 @@ from llada_trm.model.integrity import (
     verify_manifest,
     write_manifest,
 )
-from llada_trm.model.modeling_llada import CheckpointMismatchError
+from llada_trm.model.integrity import CheckpointMismatchError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"

@@ -7,6 +7,7 @@ What is notable:
   at every evaluation, so its rows are computed once and kept on the trainer.
 - `decoding_frontier` scores a few more decoders on the same rows and budget, with what each costs per backbone
   pass (inference/frontier.py): the end of the main command and `compare` print it.
+- Each function takes the `Trainer` (training/trainer.py) that calls it; this module does not import it back.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,12 +24,9 @@ from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.training.arguments import RunArguments
 
-if TYPE_CHECKING:
-    from llada_trm.training.trainer import Trainer
-
 
 @torch.no_grad()
-def held_out_loss(trainer: Trainer) -> dict:
+def held_out_loss(trainer) -> dict:
     """eval_loss, and for the hybrid the last step's loss and perplexity and the backbone-only loss."""
     acc = trainer.accelerator
     trainer.model.eval()
@@ -56,7 +53,7 @@ def held_out_loss(trainer: Trainer) -> dict:
     return metrics
 
 
-def answer_accuracy(trainer: Trainer) -> dict:
+def answer_accuracy(trainer) -> dict:
     """Exact-match metrics of every decoder (main process); the full evaluation goes to `trainer.fair_eval`."""
     t, m = trainer.args.train, trainer.args.model
     if trainer.eval_data is None or t.eval_max_samples == 0 or not trainer.accelerator.is_main_process:
@@ -93,7 +90,7 @@ FINAL_POINTS = {"hybrid": "sampler/t0.9,sampler/k16,chunked/r1,hybrid/r1",
                 "backbone": "sampler/t0.9,sampler/k16,chunked/r1"}
 
 
-def decoding_frontier(trainer: Trainer, points: str | None = None, flop_sample: int = 0) -> dict | None:
+def decoding_frontier(trainer, points: str | None = None, flop_sample: int = 0) -> dict | None:
     """Frontier points (comma-separated names; default FINAL_POINTS) of the trainer's model on the rows and budget
     of its last answer accuracy; points that need a head are dropped for a plain LLaDA. None without one."""
     t = trainer.args.train

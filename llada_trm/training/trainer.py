@@ -32,11 +32,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llada_trm.data.collator import ChunkMaskingCollator, mask_seed, pad_batch
+from llada_trm.data.collator import ChunkMaskingCollator, micro_batch_generator, pad_batch
 from llada_trm.data.dataset import prepare_dataset
-from llada_trm.grad_trace import build_grad_tracer
 from llada_trm.model.hybrid import LLaDATRMHybrid
-from llada_trm.model.loading import load_backbone, load_tokenizer
+from llada_trm.model.loading import load_tokenizer
+from llada_trm.model.modeling_llada import LLaDAModelLM
 from llada_trm.training import held_out
 from llada_trm.training.arguments import RunArguments, UsageError, hybrid_config
 from llada_trm.training.checkpointing import (
@@ -47,10 +47,11 @@ from llada_trm.training.checkpointing import (
     save_checkpoint,
 )
 from llada_trm.training.debug_view import debug_enabled, format_chunk_inspection
+from llada_trm.training.grad_trace import build_grad_tracer
 from llada_trm.training.objectives import BlockSFTObjective, HybridObjective, LLaDASFTObjective
 from llada_trm.training.run_directory import claim_run_directory, precheck_run_directory, release_lock, trim_logs
 from llada_trm.training.run_log import MetricsLog, summarise, write_run_config
-from llada_trm.training.truncation import TruncationLogger
+from llada_trm.training.truncation_log import TruncationLogger
 
 BATCH_COLUMNS = ("input_ids", "attention_mask", "labels", "chunk_index", "sample_id")
 
@@ -71,7 +72,7 @@ class TrainerState:
 
 def build_model(args: RunArguments):
     m = args.model
-    backbone = load_backbone(m.model_name_or_path)
+    backbone = LLaDAModelLM.from_pretrained(m.model_name_or_path)
     if m.gradient_checkpointing:
         backbone.gradient_checkpointing_enable()
     if m.use_lora:
@@ -84,10 +85,6 @@ def build_model(args: RunArguments):
     if m.objective != "hybrid":  # llada_sft, block_sft: the backbone alone
         return backbone
     return LLaDATRMHybrid(hybrid_config(m), backbone)
-
-
-def micro_batch_generator(seed: int, step: int, micro: int, rank: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(mask_seed(seed, step, micro * 65536 + rank) % (2**63))
 
 
 def make_accelerator(args: RunArguments) -> Accelerator:

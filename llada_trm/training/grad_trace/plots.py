@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .token_types import TOKEN_TYPES
+from llada_trm.training.grad_trace.token_types import TOKEN_TYPES
 
 PLOT_FILES = ("grad_trace_alignment_by_type.png", "grad_trace_magnitude_vs_alignment.png",
               "grad_trace_gini_over_steps.png")

@@ -17,7 +17,7 @@ from llada_trm.inference.exact_match import format_fair_table, prompt_ids_of
 from llada_trm.inference.frontier import format_frontier_table
 from llada_trm.model.configuration_hybrid import HybridConfigError
 from llada_trm.model.configuration_llada import LLaDAConfigError
-from llada_trm.model.modeling_llada import CheckpointMismatchError
+from llada_trm.model.integrity import CheckpointMismatchError
 from llada_trm.training import held_out
 from llada_trm.training.arguments import UsageError, parse_arguments
 from llada_trm.training.trainer import Trainer, TrainingError

@@ -13,7 +13,7 @@ import html
 import json
 from pathlib import Path
 
-from .analysis import HEADLINE, _cell, analyze, load_trace, summary_rows
+from llada_trm.training.grad_trace.analysis import HEADLINE, _cell, analyze, load_trace, summary_rows
 
 PAGE_FILE = "grad_trace.html"
 

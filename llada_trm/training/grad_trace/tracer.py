@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from llada_trm.data.collator import micro_batch_generator
 from llada_trm.training.arguments import UsageError
 
-from .exact import DEFAULT_MAX_BYTES, LinearCapture, TokenGradients, batched_token_gradients
-from .selection import TraceSelectionError, fast_linears, parse_patterns, select_parameters
-from .token_types import TokenTexts
-from .views import HybridView, LLaDASFTView, MicroBatchTrace
+from llada_trm.training.grad_trace.exact import DEFAULT_MAX_BYTES, LinearCapture, TokenGradients, batched_token_gradients
+from llada_trm.training.grad_trace.selection import TraceSelectionError, fast_linears, parse_patterns, select_parameters
+from llada_trm.training.grad_trace.token_types import TokenTexts
+from llada_trm.training.grad_trace.views import HybridView, LLaDASFTView, MicroBatchTrace
 
 TRACE_FILE = "token_grad_trace.jsonl"
 
@@ -57,7 +58,6 @@ class TokenGradTracer:
         step, acc = trainer.state.global_step + 1, trainer.accelerator
         if step % self.every or not acc.is_main_process:
             return None
-        from llada_trm.training.trainer import micro_batch_generator  # the generator the step's first micro-batch gets
 
         t = trainer.args.train
         generator = micro_batch_generator(t.seed, trainer.state.global_step, 0, acc.process_index, acc.device)

@@ -1,11 +1,23 @@
-"""The command-line programs: each parses flags, calls the library and turns user mistakes into one line and exit 2.
+"""What every command-line program shares: the usage-error exit code, a one-line argparse parser, the scoring flags.
 
-`train` (train_llada_trm_hybrid_sft.py), `generate`, `evaluate`, `inspect_chunks`, `compare`, `ablate`,
-`pretrain`, `synthetic` and `frontier`. Run them as `python -m llada_trm.<name>` (`inspect` for `inspect_chunks`); the
-library they call lives in the stage packages.
+The programs are the modules at the package top, each started as `python -m llada_trm.<name>`: `train` (also
+`train_llada_trm_hybrid_sft.py`), `generate`, `evaluate`, `frontier`, `inspect`, `compare`, `ablate`, `pretrain`,
+`synthetic` and `grad_trace`. Each parses flags, calls the stage packages below it and turns a user mistake into
+one line and exit 2.
 """
 
+import argparse
+import sys
+
 EXIT_USAGE = 2  # exit code of every command-line program for a user mistake (bad path or argument)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error: ...` line on stderr (exit 2) instead of usage plus message."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
 
 
 def add_scoring_flags(parser, backbone_help: str) -> None:

@@ -1,4 +1,5 @@
-"""python -m llada_trm.grad_trace {analyze,compare,render} ... (see the package docstring)."""
+"""`python -m llada_trm.grad_trace {analyze,compare,render} RUN_DIR`: read, compare and render a per-token gradient
+trace (the library is llada_trm/training/grad_trace/; docs/grad_trace.md)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,22 @@ import argparse
 import json
 import sys
 
-from .analysis import TraceInputError, analyze, format_comparison, format_summary, load_trace, write_summary
-from .plots import write_plots
-from .render import write_page
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+from llada_trm.cli import EXIT_USAGE, OneLineParser
+from llada_trm.training.grad_trace.analysis import (
+    TraceInputError,
+    analyze,
+    format_comparison,
+    format_summary,
+    load_trace,
+    write_summary,
+)
+from llada_trm.training.grad_trace.plots import write_plots
+from llada_trm.training.grad_trace.render import write_page
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m llada_trm.grad_trace", description="Analyse and render a per-token gradient trace.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="python -m llada_trm.grad_trace", description="Analyse and render a per-token gradient trace.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     commands.add_parser("analyze", help="print the summary and write grad_trace_summary.json").add_argument("run_dir")
     compare = commands.add_parser("compare", help="two runs side by side")
     compare.add_argument("run_a")
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (TraceInputError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

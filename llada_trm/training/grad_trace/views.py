@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llada_trm.training.diffusion import forward_mask
-from llada_trm.training.losses import step_weights
+from llada_trm.model.losses import step_weights
 
 
 @dataclass

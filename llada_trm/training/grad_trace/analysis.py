@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .stats import summary
-from .token_types import TOKEN_TYPES
-from .tracer import TRACE_FILE
+from llada_trm.training.grad_trace.stats import summary
+from llada_trm.training.grad_trace.token_types import TOKEN_TYPES
+from llada_trm.training.grad_trace.tracer import TRACE_FILE
 
 SUMMARY_FILE = "grad_trace_summary.json"
 

@@ -8,6 +8,6 @@
 See docs/grad_trace.md for what is computed and how.
 """
 
-from .tracer import TRACE_FILE, TokenGradTracer, build_grad_tracer
+from llada_trm.training.grad_trace.tracer import TRACE_FILE, TokenGradTracer, build_grad_tracer
 
 __all__ = ["TRACE_FILE", "TokenGradTracer", "build_grad_tracer"]
