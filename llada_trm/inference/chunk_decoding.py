@@ -123,8 +123,12 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
                                   past=past_head[0] if past_head else None)
 
     context = context_of(ids.shape[1])
-    x = model.head.project_in(hidden)
+    x = x_base = model.head.project_in(hidden)
     state = model.head.initial_state(x)
+    # Draft feedback enters where the chunk still holds the mask token, as in training (model/head.py).
+    still_masked = None
+    if model.config.draft_feedback:
+        still_masked = (ids[masked_chunk] == model.backbone.config.mask_token_id)[..., None]  # (n, C, 1)
     done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
     chosen, confidences = None, []
@@ -136,7 +140,7 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
         if not decoding and state.y.shape[1] == ids.shape[1]:
             # Every row has stopped refining: the block alone goes on to max_steps.
             block = ids.shape[1] - size
-            x, context = x[:, :block], context_of(block)
+            x, context = x_base[:, :block], context_of(block)
             state = RefinementState(state.y[:, :block], state.z[:, :block], state.steps_done)
         calls: list[KVCache] | None = [] if extend_cache else None
         state, logits = model.refine_step(state, x, context, chunk_hidden, masked_chunk, with_logits=decoding,
@@ -148,6 +152,9 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
             confidences.append(confidence)
             # Rows that already stopped keep the logits of their stopping step; the others take this step's.
             chosen = logits if chosen is None else torch.where(done[:, None, None], chosen, logits)
+            if still_masked is not None:
+                draft = model.draft_input(logits.argmax(dim=-1)).to(x.dtype) * still_masked
+                x = torch.cat((x_base[:, :-size], x_base[:, -size:] + draft), dim=1)
             steps = torch.where(done, steps, step)
             done |= (step >= settings.min_recursive_steps) & (confidence >= settings.refine_confidence_threshold)
     caches = Caches(backbone_cache, head_caches) if extend_cache else None

@@ -50,6 +50,9 @@ class HybridConfig(PreTrainedConfig):
     clean_context: bool = _setting(False, (
         "train every chunk against the clean chunks before it, as decoding sees them (a noisy copy of the chunks "
         "after the clean ones, one pass; twice the sequence)"))
+    draft_feedback: bool = _setting(False, (
+        "feed each refinement step's draft (the input embeddings of its argmax tokens at still-masked positions) "
+        "into the next step: a chunk's tokens condition on each other without another backbone pass"))
     # Deep-supervision loss
     deep_supervision_weight: float = _setting(0.3, "masked chunks weigh 1 + this")
     unmasked_chunk_weight: float = _setting(1.0, "weight of unmasked chunks")

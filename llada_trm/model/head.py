@@ -7,6 +7,10 @@
         y <- y + f(y + z)                                   (delta update of the answer state)
     step logits = lm_head(h + out_proj(y))                  out_proj starts at zero: hybrid == backbone
 
+With `draft_feedback`, step s + 1 reads x + draft_proj(e(draft_s)) at the positions still masked, where draft_s
+is step s's argmax token and e the backbone's input embedding: the draft of a chunk reaches every token of it
+through f's attention, so its tokens condition on each other without another backbone pass.
+
 f is a stack of LLaDA blocks (RMSNorm, SwiGLU, RoPE) plus a final RMSNorm, with the same block-causal
 attention as the backbone. Every call of f inside a step has its own index, so generation can keep one KV
 cache per call and refine a new chunk against exactly the keys its context had in training.
@@ -64,6 +68,8 @@ class RecursiveRefinementHead(nn.Module):
         self.blocks = nn.ModuleList(LLaDABlock(self.block_config) for _ in range(config.head_layers))
         self.norm = RMSNorm(width, config.head_rms_norm_eps)
         self.out_proj = nn.Linear(width, backbone_d_model, bias=False)
+        # The draft tokens' input embeddings (backbone width) into the head's width.
+        self.draft_proj = nn.Linear(backbone_d_model, width, bias=False) if config.draft_feedback else None
         self.register_buffer("z_init", torch.zeros(width))
         self.reset_parameters()
 

@@ -141,6 +141,18 @@ class LLaDATRMHybrid(PreTrainedModel):
         logits = self.step_logits_at(hidden_at, state.y[positions]) if with_logits else None
         return state, logits
 
+    def draft_input(self, draft_tokens: Tensor) -> Tensor:
+        """(..., ) token ids -> (..., head width): draft_proj of their backbone input embeddings. The embeddings
+        are detached: a draft is a discrete choice, and only draft_proj learns how to read it."""
+        embeddings = self.backbone.get_input_embeddings()(draft_tokens).detach()
+        return self.head.draft_proj(embeddings.to(self.head.draft_proj.weight.dtype))
+
+    def draft_positions(self, input_ids: Tensor, scored: Tensor) -> Tensor | None:
+        """(B, L) bool: where draft feedback enters, the scored positions that hold the mask token (None: off)."""
+        if not self.config.draft_feedback:
+            return None
+        return scored & (input_ids == self.backbone.config.mask_token_id)
+
     def step_scores_at(self, hidden: Tensor, y: Tensor, targets: Tensor | None) -> tuple:
         """`_score(step_logits_at(hidden, y), targets)` through the fused, chunked LM-head loss: no (N, V) tensor."""
         weight = self.backbone.get_output_embeddings().weight
@@ -173,7 +185,8 @@ class LLaDATRMHybrid(PreTrainedModel):
         hidden = self.backbone_hidden_states(**inputs)
         hidden_sup = hidden[scored]  # (N, d_model)
         per_step = self.refine_supervised(hidden, inputs["attention_mask"], inputs["chunk_index"], scored, targets,
-                                          inputs["position_ids"], return_logits, inputs.get("noisy_copy"))
+                                          inputs["position_ids"], return_logits, inputs.get("noisy_copy"),
+                                          self.draft_positions(inputs["input_ids"], scored))
         with torch.no_grad():
             backbone_logits = self.backbone.lm_head(hidden_sup.detach()) if return_logits else None
             backbone_ce, backbone_prob, _, _ = (
@@ -200,37 +213,44 @@ class LLaDATRMHybrid(PreTrainedModel):
 
     def refine_supervised(
         self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False,
-        noisy_copy=None,
+        noisy_copy=None, draft_at=None,
     ) -> list[tuple]:
         """The head over every chunk for all `max_recursive_steps` steps; per step, at the supervised positions:
         (CE, p(label), max probability, argmax, logits or None). Each step is recomputed in the backward pass
         when `recompute_steps` is on, so activation memory does not grow with the number of steps. Without
         `return_logits` the scores come from the fused LM-head loss, outside the recomputed part: it keeps no
-        (N, V) tensor for backward, so there is nothing to gain by running it twice."""
+        (N, V) tensor for backward, so there is nothing to gain by running it twice.
+
+        draft_at (B, L) bool, a subset of `supervised` (`draft_positions`): with draft feedback, where each step's
+        argmax enters the next step's x."""
         config = self.config
         context = self.head_context(hidden, attention_mask, chunk_index, position_ids, noisy_copy=noisy_copy)
         x = self.head.project_in(hidden)
         hidden_sup = hidden[supervised]
+        drafted = draft_at[supervised] if draft_at is not None else None  # (N,) which scored tokens feed back
 
-        def one_step(y: Tensor, z: Tensor, steps_done: int):
-            state, logits = self.refine_step(RefinementState(y, z, steps_done), x, context, hidden_sup, supervised,
-                                             with_logits=return_logits)
+        def one_step(y: Tensor, z: Tensor, draft: Tensor | None, steps_done: int):
+            x_step = x if draft is None else x + draft
+            state, logits = self.refine_step(RefinementState(y, z, steps_done), x_step, context, hidden_sup,
+                                             supervised, with_logits=return_logits)
             if logits is None:
                 return state.y, state.z
             return (state.y, state.z, *_score(logits, targets), logits)
 
-        state = self.head.initial_state(x)
+        state, draft = self.head.initial_state(x), None
         per_step = []
         for _ in range(config.max_recursive_steps):
             if config.detach_between_steps:
                 state = state.detached()
             if config.recompute_steps and self.training and torch.is_grad_enabled():
-                outputs = checkpoint(one_step, state.y, state.z, state.steps_done, use_reentrant=False)
+                outputs = checkpoint(one_step, state.y, state.z, draft, state.steps_done, use_reentrant=False)
             else:
-                outputs = one_step(state.y, state.z, state.steps_done)
+                outputs = one_step(state.y, state.z, draft, state.steps_done)
             state = RefinementState(outputs[0], outputs[1], state.steps_done + 1)
             if not return_logits:
                 outputs = (*outputs, *self.step_scores_at(hidden_sup, state.y[supervised], targets), None)
+            if drafted is not None:  # outputs[5]: this step's argmax at the supervised positions
+                draft = torch.zeros_like(x).index_put((draft_at,), self.draft_input(outputs[5][drafted]).to(x.dtype))
             per_step.append(outputs[2:])
         return per_step
 

@@ -87,7 +87,8 @@ class HybridView:
         supervised = self.supervised[row : row + 1, :end]
         hidden = model.backbone_hidden_states(b["input_ids"], b["attention_mask"], b["chunk_index"])
         per_step = model.refine_supervised(hidden, b["attention_mask"], b["chunk_index"], supervised,
-                                           b["labels"][supervised])
+                                           b["labels"][supervised],
+                                           draft_at=model.draft_positions(b["input_ids"], supervised))
         losses = [ce for ce, *_ in per_step]
         return losses, torch.arange(losses[0].numel(), device=hidden.device)
 
