@@ -21,7 +21,8 @@ from llada_trm.training.grad_trace.render import write_page
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m llada_trm.grad_trace", description="Analyse and render a per-token gradient trace.")
+    parser = OneLineParser(prog="python -m llada_trm.grad_trace",
+                           description="Analyse and render a per-token gradient trace.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     commands.add_parser("analyze", help="print the summary and write grad_trace_summary.json").add_argument("run_dir")
     compare = commands.add_parser("compare", help="two runs side by side")

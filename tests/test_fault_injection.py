@@ -347,7 +347,8 @@ def test_head_weights_of_another_shape_are_one_error_naming_the_file(run_copy, b
     from llada_trm.model.configuration_hybrid import HybridConfig
     from llada_trm.model.integrity import CheckpointMismatchError
 
-    wider = LLaDATRMHybrid(HybridConfig(chunk_size=16, head_hidden_size=64), backbone=LLaDAModelLM.from_pretrained(backbone_dir))
+    wider = LLaDATRMHybrid(HybridConfig(chunk_size=16, head_hidden_size=64),
+                           backbone=LLaDAModelLM.from_pretrained(backbone_dir))
     weights = run_copy / "checkpoint-3" / "model.safetensors"
     with pytest.raises(CheckpointMismatchError, match="mis-shaped head weights"):
         wider.load_head_weights(weights)

@@ -31,8 +31,8 @@ def module_name(path: Path) -> str:
 
 
 def is_module(name: str) -> bool:
-    relative = Path(*name.split("."))
-    return (PACKAGE.parent / relative.with_suffix(".py")).is_file() or (PACKAGE.parent / relative / "__init__.py").is_file()
+    path = PACKAGE.parent / Path(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -140,5 +140,5 @@ def test_each_program_lives_at_the_package_top_and_forwards_nowhere(path):
 
 
 def test_the_programs_are_the_documented_ones():
-    assert {p.stem for p in PROGRAMS} == {"ablate", "compare", "evaluate", "frontier", "generate", "grad_trace",
-                                          "inspect", "pretrain", "synthetic", "train"}
+    assert {p.stem for p in PROGRAMS} == {"ablate", "compare", "distill", "evaluate", "frontier", "generate",
+                                          "grad_trace", "inspect", "pretrain", "synthetic", "train"}

@@ -8,8 +8,9 @@ whole pad chunks.
 Notable choices:
 - prompt and reasoning are tokenised separately (and the prompt gets BOS, as in pretraining), so training
   sees the prompt exactly as inference tokenises it on its own;
-- a bad record never stops the run silently nor trains with every label ignored: it gets a kind
-  (`BAD_KINDS` of data/records.py, which turns one record into token ids), is counted or raised per `--bad_sample_policy`, and one summary reports the counts;
+- a bad record never stops the run silently nor trains with every label ignored: it gets a kind (`BAD_KINDS`
+  of data/records.py, which turns one record into token ids), is counted or raised per `--bad_sample_policy`,
+  and one summary reports the counts;
 - tokenisation is one `datasets.map(batched=True)` per split, cached by datasets' fingerprinting for
   file-backed sources (Hub, parquet, csv).
 """

@@ -25,7 +25,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], *, whole_tokens: Sequence[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], *, whole_tokens: Sequence[str],
+                    vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train the domain BPE on `texts` and wrap it as a transformers fast tokenizer; each of `whole_tokens` (the
     layout's answer tags) becomes one ordinary token, so generation can stop on `</answer>` in token space."""
     tokenizer = Tokenizer(models.BPE())

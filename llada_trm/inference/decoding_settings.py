@@ -101,4 +101,5 @@ def decoding_vocabulary(backbone_config, tokenizer) -> Vocabulary:
     if pad_id is None and tokenizer is not None:
         pad_id = tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-    return Vocabulary(backbone_config.mask_token_id, eos_id, pad_id, single_token_id(tokenizer, ANSWER_CLOSE), tokenizer)
+    answer_close_id = single_token_id(tokenizer, ANSWER_CLOSE)
+    return Vocabulary(backbone_config.mask_token_id, eos_id, pad_id, answer_close_id, tokenizer)

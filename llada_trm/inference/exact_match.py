@@ -160,11 +160,10 @@ def _until_stop(tokens: list[int], eos_id: int, answer_close_id: int | None) -> 
     return tokens if stop is None else tokens[:stop]
 
 
-def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens: int, block_length: int,
-                           batch_size: int = 32, progress: bool = True, tokens_per_step: int = 1,
-                           threshold: float | None = None, flop_sample: int = 0, name: str | None = None) -> dict:
-    """Exact match of the backbone with LLaDA's sampler, blocks of `block_length`, temperature 0: by default one
-    token per step (steps = new tokens); `tokens_per_step` k (a divisor of block_length) takes steps = new tokens / k,
+def sampler_decoder(backbone, tokenizer, max_new_tokens: int, block_length: int, tokens_per_step: int = 1,
+                    threshold: float | None = None) -> Callable[[list[list[int]]], DecodedBatch]:
+    """prompts -> DecodedBatch with LLaDA's sampler, blocks of `block_length`, temperature 0: by default one token
+    per step (steps = new tokens); `tokens_per_step` k (a divisor of block_length) takes steps = new tokens / k,
     `threshold` decodes by confidence threshold instead. `max_new_tokens` is rounded up to whole blocks."""
     if block_length % tokens_per_step:
         raise ValueError(f"tokens_per_step ({tokens_per_step}) must divide the block length ({block_length})")
@@ -185,6 +184,14 @@ def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens
         return DecodedBatch(texts, [len(row) for row in new], [0] * len(new), [0] * len(new),
                             counter.backbone_row_passes)
 
+    return decode
+
+
+def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens: int, block_length: int,
+                           batch_size: int = 32, progress: bool = True, tokens_per_step: int = 1,
+                           threshold: float | None = None, flop_sample: int = 0, name: str | None = None) -> dict:
+    """Exact match of the backbone with LLaDA's sampler (`sampler_decoder`)."""
+    decode = sampler_decoder(backbone, tokenizer, max_new_tokens, block_length, tokens_per_step, threshold)
     return _run(name or "backbone_llada_sampler", rows, batch_size, progress, decode, (backbone, None), flop_sample)
 
 
