@@ -81,6 +81,37 @@ def test_exact_resume_matches_the_uninterrupted_run(backbone_dir, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_held_out_masked_losses_equal_a_plain_reference(backbone_dir, tmp_path):
+    """eval_masked_chunk_loss / eval_backbone_masked_chunk_loss: mean CE over the tokens whose input is the mask
+    token, the only ones decoding reads the head at (partial chunk masking, so the rule is per position)."""
+    import torch.nn.functional as F
+
+    from llada_trm.training.held_out import held_out_loss
+
+    trainer = Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "2", "--partial_chunk_masking",
+                                                "--mask_probability", "0.5")))
+    trainer.train()
+    metrics = held_out_loss(trainer)
+    mask_id = trainer.model.backbone.config.mask_token_id
+    head_sum = backbone_sum = count = 0.0
+    trainer.model.eval()
+    with torch.no_grad():
+        for batch in trainer.eval_loader:
+            output = trainer.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "chunk_index", "labels",
+                                                            "chunk_is_masked")}, return_logits=True)
+            masked = (batch["input_ids"] == mask_id) & (batch["labels"] != -100)
+            labels = batch["labels"][masked]
+            head_sum += float(F.cross_entropy(output.step_logits[-1][masked].float(), labels, reduction="sum"))
+            backbone_sum += float(F.cross_entropy(output.backbone_logits[masked].float(), labels, reduction="sum"))
+            count += float(masked.sum())
+    assert count > 0
+    assert metrics["eval_masked_chunk_loss"] == pytest.approx(head_sum / count, rel=1e-4)
+    assert metrics["eval_backbone_masked_chunk_loss"] == pytest.approx(backbone_sum / count, rel=1e-4)
+    # the trained head moved off the backbone, so the two numbers tell them apart
+    assert metrics["eval_masked_chunk_loss"] != pytest.approx(metrics["eval_backbone_masked_chunk_loss"], rel=1e-6)
+    assert read_metrics(tmp_path)[-1]["backbone_masked_chunk_loss"] > 0
+
+
 def test_resume_with_a_changed_architecture_flag_stops_before_training(backbone_dir, tmp_path, capsys):
     assert main(base_args(backbone_dir, tmp_path, "--max_steps", "2", "--chunk_size", "16")) == 0
     metrics_before = (tmp_path / "metrics.jsonl").read_text()

@@ -37,6 +37,7 @@ class HybridOutput(ModelOutput):
     loss: Tensor | None = None  # deep-supervision loss normalised over this batch (tau = 1, w = 1)
     step_token_loss: Tensor | None = None  # (S, B, L) CE per step, 0 where unsupervised; attached to the graph
     supervised_mask: Tensor | None = None  # (B, L) reasoning tokens, EOS included
+    masked_positions: Tensor | None = None  # (B, L) supervised tokens whose input is the mask token
     chunk_weight: Tensor | None = None  # (B, L) c_t, 0 where unsupervised
     final_label_prob: Tensor | None = None  # (B, L) p(label) at the last step, detached
     backbone_token_loss: Tensor | None = None  # (B, L) CE of the backbone alone, detached
@@ -280,6 +281,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         output = HybridOutput(
             step_token_loss=step_token_loss,
             supervised_mask=supervised,
+            masked_positions=position_is_masked & supervised,
             chunk_weight=chunk_weight,
             final_label_prob=spread(per_step[-1][1]),
             backbone_token_loss=spread(backbone_ce),
@@ -292,7 +294,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         )
         if labels is not None:
             output.loss, _ = hybrid_loss(output, config.step_weighting)
-            output.metrics = micro_batch_metrics(output, labels, position_is_masked)
+            output.metrics = micro_batch_metrics(output, labels)
         return output
 
     @staticmethod
@@ -383,13 +385,13 @@ class LLaDATRMHybrid(PreTrainedModel):
         return generate(self.backbone, prompt, **kwargs)
 
 
-def micro_batch_metrics(output: HybridOutput, labels: Tensor, position_is_masked: Tensor) -> dict[str, float]:
+def micro_batch_metrics(output: HybridOutput, labels: Tensor) -> dict[str, float]:
     """The per-micro-batch numbers of docs/architecture.md §6 (unweighted token means), as Python floats. "Masked chunk"
     numbers are over the masked positions (all of a masked chunk's, unless chunks are masked partially)."""
     with torch.no_grad():
         supervised = output.supervised_mask
         count = supervised.sum().clamp(min=1)
-        in_masked_chunk = position_is_masked & supervised
+        in_masked_chunk = output.masked_positions
         in_unmasked_chunk = supervised & ~in_masked_chunk
         last = output.step_token_loss[-1]
 
@@ -405,6 +407,8 @@ def micro_batch_metrics(output: HybridOutput, labels: Tensor, position_is_masked
             "masked_chunk_accuracy": mean_over((output.final_predictions == labels).float(), in_masked_chunk),
             "unmasked_chunk_loss": mean_over(last, in_unmasked_chunk),
             "backbone_loss": mean_over(output.backbone_token_loss, supervised),
+            # the fair comparison of masked_chunk_loss: decoding reads the head only where the input is masked
+            "backbone_masked_chunk_loss": mean_over(output.backbone_token_loss, in_masked_chunk),
             "supervised_tokens": float(supervised.sum()),
             "masked_token_fraction": float(in_masked_chunk.sum() / count),
             "mean_steps_to_confidence": float(output.steps_to_confidence[real_chunks].float().mean())

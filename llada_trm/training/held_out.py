@@ -30,26 +30,33 @@ def held_out_loss(trainer) -> dict:
     """eval_loss, and for the hybrid the last step's loss and perplexity and the backbone-only loss."""
     acc = trainer.accelerator
     trainer.model.eval()
-    sums = torch.zeros(4, device=acc.device)  # loss_sum, count, last-step CE sum, backbone CE sum
-    supervised = torch.zeros(1, device=acc.device)
+    # loss_sum, count, then CE sums over the supervised tokens (last step, backbone) and over the masked ones
+    sums = torch.zeros(6, device=acc.device)
+    supervised = torch.zeros(2, device=acc.device)  # supervised tokens, masked ones
     for i, batch in enumerate(trainer.eval_loader):
         with acc.autocast():
             result = trainer.objective(trainer.model, batch, trainer.generator_for(0, i), token_filters=False)
         sums[0] += result.loss_sum.float()
         sums[1] += result.count
-        if result.output is not None:
-            sums[2] += result.output.step_token_loss[-1].sum().float()
-            sums[3] += result.output.backbone_token_loss.sum().float()
-            supervised += result.output.supervised_mask.sum()
+        output = result.output
+        if output is not None:
+            last, backbone = output.step_token_loss[-1].float(), output.backbone_token_loss.float()
+            for column, where in ((2, output.supervised_mask), (4, output.masked_positions)):
+                sums[column] += (last * where).sum()
+                sums[column + 1] += (backbone * where).sum()
+            supervised += torch.stack((output.supervised_mask.sum(), output.masked_positions.sum()))
     sums, supervised = acc.reduce(sums, "sum"), acc.reduce(supervised, "sum")
     trainer.model.train()
     metrics = {"eval_loss": float(sums[0] / sums[1].clamp(min=1e-12))}
-    if float(supervised) > 0:
-        last_ce = float(sums[2] / supervised)
+    if float(supervised[0]) > 0:
+        last_ce = float(sums[2] / supervised[0])
         metrics.update(eval_last_step_loss=last_ce, eval_perplexity=math.exp(min(last_ce, 50)),
-                       eval_backbone_loss=float(sums[3] / supervised))
+                       eval_backbone_loss=float(sums[3] / supervised[0]))
     else:
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    if float(supervised[1]) > 0:  # what decoding reads: the head's and the backbone's loss where the input is masked
+        metrics.update(eval_masked_chunk_loss=float(sums[4] / supervised[1]),
+                       eval_backbone_masked_chunk_loss=float(sums[5] / supervised[1]))
     return metrics
 
 
