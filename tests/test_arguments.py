@@ -49,6 +49,15 @@ def test_no_flags_run_the_embedded_profile_of_configs_default_yaml():
     assert all(library[name] != value for name, value in EMBEDDED_PROFILE.items())
 
 
+def test_one_pass_per_chunk_config_is_the_documented_command():
+    """configs/one_pass_per_chunk.yaml trains what docs/embedded_default.md measured with these flags."""
+    documented = ["--draft_feedback", "--clean_context", "--mask_probability", "1.0", "--no_partial_chunk_masking",
+                  "--eval_decode_steps_per_chunk", "1", "--num_synthetic_train", "16000", "--learning_rate", "0.001",
+                  "--output_dir", "runs/one-pass-per-chunk"]
+    assert groups(parse_arguments(["--config", str(CONFIGS / "one_pass_per_chunk.yaml")], environ={})) == groups(
+        parse_arguments(documented, environ={}))
+
+
 def test_embedded_profile_booleans_turn_off_like_any_other():
     model = parse_arguments([], environ={}).model
     assert model.partial_chunk_masking and model.checkpoint_refinement_steps is False
