@@ -269,7 +269,7 @@ def head_forward_backward(model: LLaDATRMHybrid, hidden: torch.Tensor, batch: di
     supervised = batch["labels"] != -100
     per_step = model.refine_supervised(hidden, batch["attention_mask"], batch["chunk_index"], supervised,
                                        batch["labels"][supervised],
-                                       draft_at=model.draft_positions(batch["input_ids"], supervised))
+                                       draft_at=model.draft_positions(batch["input_ids"]))
     coefficient = chunk_token_weights(batch["chunk_index"], batch["chunk_is_masked"], config.deep_supervision_weight,
                                       config.unmasked_chunk_weight)[supervised]
     a = step_weights(config.max_recursive_steps, config.step_weighting, hidden.device)

@@ -115,3 +115,30 @@ def test_hybrid_clean_context_scores_each_chunk_against_the_clean_chunks_before_
             expected = plain(**alone, return_logits=True).step_logits[:, 0, -int(this.sum()):]
             torch.testing.assert_close(out.step_logits[:, row, this], expected, **CLOSE)
     assert model(**batch).loss.isfinite()
+
+
+@pytest.mark.parametrize("draft_feedback", [False, True])
+def test_hybrid_copies_only_masked_chunks_and_scores_as_if_every_chunk_were_copied(monkeypatch, draft_feedback):
+    """The noisy copy holds only the chunks with a mask token (unmasked ones are scored in the clean sequence),
+    and every output equals the layout that copies every chunk and scores all of them on the copy."""
+    from test_hybrid import make_batch, make_hybrid
+
+    from llada_trm.model import hybrid as hybrid_module
+
+    model = make_hybrid(clean_context=True, draft_feedback=draft_feedback).eval()
+    batch = make_batch([5, 3], [3, 2], 4, masked=[[0, 2], [1]])  # row 0: an unmasked chunk between masked ones
+    widths = []
+    model.backbone.register_forward_hook(lambda module, args, kwargs, out: widths.append(kwargs["input_ids"].shape[1]),
+                                         with_kwargs=True)
+    packed = model(**batch, return_logits=True)
+    length = batch["input_ids"].shape[1]
+    assert widths == [length + 2 * 4]  # row 0 has the most masked chunks: 2 of 4 tokens each
+
+    unpacked_pair = hybrid_module.clean_context_pair
+    monkeypatch.setattr(hybrid_module, "clean_context_pair",
+                        lambda clean, noisy, mask, chunks, positions=None, copied=None:
+                        unpacked_pair(clean, noisy, mask, chunks, positions))
+    every_chunk = model(**batch, return_logits=True)
+    assert widths[-1] == 2 * length
+    for name in ("step_logits", "step_token_loss", "final_predictions", "backbone_token_loss", "loss"):
+        torch.testing.assert_close(getattr(packed, name), getattr(every_chunk, name), **CLOSE)

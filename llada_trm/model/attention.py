@@ -76,17 +76,38 @@ class KVCache:
 
 
 def clean_context_pair(clean: Tensor, noisy: Tensor, attention_mask: Tensor, chunk_index: Tensor,
-                       position_ids: Tensor | None = None) -> dict:
-    """Model inputs (B, 2L) of clean-context training: `clean` (B, L), then `noisy` as its noisy copy, with the
-    same chunk indices and positions; the copy's prompt and pad positions are padding."""
+                       position_ids: Tensor | None = None, copied: Tensor | None = None) -> tuple[dict, Tensor]:
+    """Model inputs (B, L + M) of clean-context training: `clean` (B, L), then the noisy copy, taken from `noisy`
+    with the same chunk indices and positions. Also returns slot (B, L): the input column of each position's noisy
+    copy, -1 where there is none.
+
+    copied None: the copy is all of `noisy` (M = L, column L + t holds position t), its prompt and pad positions
+    padding. copied (B, L) bool, whole chunks: only those reasoning positions are copied, packed to the left and
+    right-padded to the longest row's M. Only chunks that hold a mask token need a copy: an unmasked chunk's copy
+    equals its clean run (same tokens, positions and context), so leaving it out saves its compute and changes
+    no output.
+    """
     batch, length = clean.shape
     if position_ids is None:
         position_ids = torch.arange(length, device=clean.device).expand(batch, length)
-    reasoning = (chunk_index >= 0).long()
-    return dict(
-        input_ids=torch.cat((clean, noisy), dim=1),
-        attention_mask=torch.cat((attention_mask, attention_mask * reasoning), dim=1),
-        chunk_index=torch.cat((chunk_index, chunk_index), dim=1),
-        position_ids=torch.cat((position_ids, position_ids), dim=1),
-        noisy_copy=(torch.arange(2 * length, device=clean.device) >= length).expand(batch, 2 * length),
-    )
+    reasoning = chunk_index >= 0
+    if copied is None:
+        copy = dict(input_ids=noisy, attention_mask=attention_mask * reasoning, chunk_index=chunk_index,
+                    position_ids=position_ids)
+        slot = torch.where(reasoning, torch.arange(length, device=clean.device) + length, -1)
+    else:
+        copied = copied & reasoning
+        width = int(copied.sum(dim=1).max()) if batch else 0
+        # Copied positions first, in order, then the rest (a stable sort on "not copied"); the rest is padding.
+        order = torch.sort((~copied).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (B, M)
+        padding = ~copied.gather(1, order)
+        copy = dict(input_ids=noisy.gather(1, order).masked_fill(padding, 0), attention_mask=(~padding).long(),
+                    chunk_index=chunk_index.gather(1, order).masked_fill(padding, -1),
+                    position_ids=position_ids.gather(1, order).masked_fill(padding, 0))
+        slot = torch.where(copied, length + copied.long().cumsum(dim=1) - 1, -1)
+    total = length + copy["input_ids"].shape[1]
+    inputs = {name: torch.cat((value, copy[name].to(value.dtype)), dim=1) for name, value in
+              dict(input_ids=clean, attention_mask=attention_mask, chunk_index=chunk_index,
+                   position_ids=position_ids).items()}
+    inputs["noisy_copy"] = (torch.arange(total, device=clean.device) >= length).expand(batch, total)
+    return inputs, slot

@@ -148,11 +148,11 @@ class LLaDATRMHybrid(PreTrainedModel):
         embeddings = self.backbone.get_input_embeddings()(draft_tokens).detach()
         return self.head.draft_proj(embeddings.to(self.head.draft_proj.weight.dtype))
 
-    def draft_positions(self, input_ids: Tensor, scored: Tensor) -> Tensor | None:
-        """(B, L) bool: where draft feedback enters, the scored positions that hold the mask token (None: off)."""
+    def draft_positions(self, input_ids: Tensor) -> Tensor | None:
+        """(B, L) bool: where draft feedback may enter, the positions that hold the mask token (None: off)."""
         if not self.config.draft_feedback:
             return None
-        return scored & (input_ids == self.backbone.config.mask_token_id)
+        return input_ids == self.backbone.config.mask_token_id
 
     def step_scores_at(self, hidden: Tensor, y: Tensor, targets: Tensor | None) -> tuple:
         """`_score(step_logits_at(hidden, y), targets)` through the fused, chunked LM-head loss: no (N, V) tensor."""
@@ -179,15 +179,15 @@ class LLaDATRMHybrid(PreTrainedModel):
         targets = labels[supervised] if labels is not None else None
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, chunk_index=chunk_index,
                       position_ids=position_ids)
-        scored = supervised  # where the scores are taken in the model's input (B, L), or (B, 2L) with clean context
+        # Where the scores are taken in the model's input, in the order of `supervised`: (rows, columns).
+        scored = supervised.nonzero(as_tuple=True)
         if self.config.clean_context:
-            inputs = self.clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids)
-            scored = torch.cat((torch.zeros_like(supervised), supervised), dim=1)
+            inputs, scored = self.clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids)
         hidden = self.backbone_hidden_states(**inputs)
         hidden_sup = hidden[scored]  # (N, d_model)
         per_step = self.refine_supervised(hidden, inputs["attention_mask"], inputs["chunk_index"], scored, targets,
                                           inputs["position_ids"], return_logits, inputs.get("noisy_copy"),
-                                          self.draft_positions(inputs["input_ids"], scored))
+                                          self.draft_positions(inputs["input_ids"]))
         with torch.no_grad():
             backbone_logits = self.backbone.lm_head(hidden_sup.detach()) if return_logits else None
             backbone_ce, backbone_prob, _, _ = (
@@ -199,18 +199,29 @@ class LLaDATRMHybrid(PreTrainedModel):
             backbone_ce, backbone_prob, backbone_logits if return_logits else None, labels,
         )
 
-    @staticmethod
-    def clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids=None) -> dict:
-        """Backbone inputs (B, 2L) of clean-context training: the clean sequence (labels filled in), then the
-        collator's masked sequence as the noisy copy (model/attention.py), so a masked chunk sees the prompt and
-        the clean chunks before it, as the chunk decoder shows it. Unmasked chunks of the copy see exactly what
-        they see in the clean sequence; the scores are taken on the copy."""
+    def clean_context_inputs(self, input_ids, attention_mask, chunk_index, labels, position_ids=None
+                             ) -> tuple[dict, tuple[Tensor, Tensor]]:
+        """Backbone inputs (B, L + M) of clean-context training: the clean sequence (labels filled in), then a
+        noisy copy of the collator's chunks that hold a mask token (model/attention.py), so a masked chunk sees
+        the prompt and the clean chunks before it, as the chunk decoder shows it. An unmasked chunk has no copy:
+        it is scored in the clean sequence, where it sees what its copy would. Returns the inputs and the
+        (rows, columns) of the supervised positions (labels != -100, in their order) in them."""
         if labels is None:
             raise ValueError("clean_context needs `labels`: the clean copy is built from them")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         clean = labels.where(labels != -100, input_ids)
-        return clean_context_pair(clean, input_ids, attention_mask, chunk_index, position_ids)
+        in_chunk = chunk_index >= 0
+        slot_of_chunk = chunk_index.clamp(min=0)
+        is_mask = (input_ids == self.backbone.config.mask_token_id) & in_chunk
+        num_chunks = int(chunk_index.max()) + 1 if chunk_index.numel() else 0
+        chunk_has_mask = torch.zeros(input_ids.shape[0], max(num_chunks, 1), device=input_ids.device)
+        chunk_has_mask = chunk_has_mask.scatter_add_(1, slot_of_chunk, is_mask.float()) > 0  # (B, K)
+        copied = chunk_has_mask.gather(1, slot_of_chunk) & in_chunk
+        inputs, slot = clean_context_pair(clean, input_ids, attention_mask, chunk_index, position_ids, copied)
+        rows, columns = (labels != -100).nonzero(as_tuple=True)
+        copy_column = slot[rows, columns]
+        return inputs, (rows, torch.where(copy_column >= 0, copy_column, columns))
 
     def refine_supervised(
         self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False,
@@ -222,13 +233,17 @@ class LLaDATRMHybrid(PreTrainedModel):
         `return_logits` the scores come from the fused LM-head loss, outside the recomputed part: it keeps no
         (N, V) tensor for backward, so there is nothing to gain by running it twice.
 
-        draft_at (B, L) bool, a subset of `supervised` (`draft_positions`): with draft feedback, where each step's
-        argmax enters the next step's x."""
+        supervised: (B, L) bool, or (rows, columns) index tensors (the order of the scores). draft_at (B, L) bool
+        (`draft_positions`): with draft feedback, each step's argmax enters the next step's x at the supervised
+        positions among them."""
         config = self.config
+        if isinstance(supervised, Tensor):
+            supervised = supervised.nonzero(as_tuple=True)
         context = self.head_context(hidden, attention_mask, chunk_index, position_ids, noisy_copy=noisy_copy)
         x = self.head.project_in(hidden)
         hidden_sup = hidden[supervised]
         drafted = draft_at[supervised] if draft_at is not None else None  # (N,) which scored tokens feed back
+        draft_index = tuple(index[drafted] for index in supervised) if drafted is not None else None
 
         def one_step(y: Tensor, z: Tensor, draft: Tensor | None, steps_done: int):
             x_step = x if draft is None else x + draft
@@ -251,7 +266,7 @@ class LLaDATRMHybrid(PreTrainedModel):
             if not return_logits:
                 outputs = (*outputs, *self.step_scores_at(hidden_sup, state.y[supervised], targets), None)
             if drafted is not None:  # outputs[5]: this step's argmax at the supervised positions
-                draft = torch.zeros_like(x).index_put((draft_at,), self.draft_input(outputs[5][drafted]).to(x.dtype))
+                draft = torch.zeros_like(x).index_put(draft_index, self.draft_input(outputs[5][drafted]).to(x.dtype))
             per_step.append(outputs[2:])
         return per_step
 
