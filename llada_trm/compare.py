@@ -38,8 +38,9 @@ from llada_trm.training.trainer import Trainer, TrainingError
 SUMMARY_FILE = "compare_summary.json"
 PLOT_FILE = "compare_accuracy.png"
 METHODS = {
-    # method: (training flags, the decoder that is its best, default learning rate)
-    "hybrid": (["--objective", "hybrid"], "hybrid_refined", "3e-3"),
+    # method: (training flags, the decoder that is its best, default learning rate; None: the training program's,
+    # i.e. the embedded profile's or the --config's, so the hybrid is compared at the rate it is tuned for)
+    "hybrid": (["--objective", "hybrid"], "hybrid_refined", None),
     "llada_sft": (["--objective", "llada_sft", "--no_freeze_backbone"], "backbone_llada_sampler", "5e-4"),
     "llada_sft_lora": (["--objective", "llada_sft", "--use_lora"], "backbone_llada_sampler", "2e-3"),
 }
@@ -82,7 +83,8 @@ def method_argv(method: str, options: argparse.Namespace) -> list[str]:
     owned = [flag for flag in extra if flag.split("=")[0] in OWNED_FLAGS]
     if owned:
         raise AblationUsageError(f"--extra may not set {', '.join(owned)}: the runner sets it for every method")
-    return ["--learning_rate", learning_rate, "--logging_steps", "10", *extra, *flags,
+    rate = ["--learning_rate", learning_rate] if learning_rate is not None else []
+    return [*rate, "--logging_steps", "10", *extra, *flags,
             "--model_name_or_path", options.model_name_or_path, "--seed", str(options.seed),
             "--max_steps", str(options.max_steps), "--eval_steps", str(options.eval_every),
             "--output_dir", str(Path(options.output_dir) / method)]

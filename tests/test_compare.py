@@ -11,7 +11,11 @@ from llada_trm.compare import (
     compute_to_reach,
     headline,
     main,
+    make_parser,
+    method_argv,
 )
+from llada_trm.ablate import training_arguments
+from llada_trm.training.arguments import parse_arguments
 
 
 def run(method, points):
@@ -31,6 +35,15 @@ def test_headline_finds_the_compute_at_which_the_hybrid_reaches_the_best_sft_acc
     assert result["hybrid_flops_fraction"] == 0.25 and result["hybrid_step_fraction"] == 0.25
     never = headline([run("hybrid", [(0, 0.1), (10, 0.2)]), run("llada_sft", [(0, 0.1), (10, 0.3)])])
     assert never["hybrid_flops_fraction"] is None
+
+
+def test_the_hybrid_trains_at_the_profile_learning_rate_and_sft_at_its_own():
+    options = make_parser().parse_args(["--output_dir", "runs/x"])
+    hybrid = training_arguments(method_argv("hybrid", options))
+    assert hybrid.train.learning_rate == parse_arguments([], environ={}).train.learning_rate
+    assert training_arguments(method_argv("llada_sft", options)).train.learning_rate == 5e-4
+    options = make_parser().parse_args(["--output_dir", "runs/x", "--hybrid_extra", "--learning_rate 7e-4"])
+    assert training_arguments(method_argv("hybrid", options)).train.learning_rate == 7e-4
 
 
 def test_bad_methods_and_owned_flags_are_usage_errors(tmp_path, capsys):
