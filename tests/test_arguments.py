@@ -51,8 +51,9 @@ def test_no_flags_run_the_embedded_profile_of_configs_default_yaml():
 
 def test_one_pass_per_chunk_config_is_the_documented_command():
     """configs/one_pass_per_chunk.yaml trains what docs/embedded_default.md measured with these flags."""
-    documented = ["--draft_feedback", "--clean_context", "--mask_probability", "1.0", "--no_partial_chunk_masking",
+    documented = ["--draft_feedback", "--clean_context", "--mask_probability", "1.0", "--partial_chunk_masking", "false",
                   "--eval_decode_steps_per_chunk", "1", "--num_synthetic_train", "16000", "--learning_rate", "0.001",
+                  "--head_hidden_size", "128", "--max_recursive_steps", "4", "--min_recursive_steps", "2",
                   "--output_dir", "runs/one-pass-per-chunk"]
     assert groups(parse_arguments(["--config", str(CONFIGS / "one_pass_per_chunk.yaml")], environ={})) == groups(
         parse_arguments(documented, environ={}))
@@ -60,9 +61,9 @@ def test_one_pass_per_chunk_config_is_the_documented_command():
 
 def test_embedded_profile_booleans_turn_off_like_any_other():
     model = parse_arguments([], environ={}).model
-    assert model.partial_chunk_masking and model.checkpoint_refinement_steps is False
-    for flags in (["--no_partial_chunk_masking"], ["--partial_chunk_masking", "false"]):
-        assert parse_arguments(flags, environ={}).model.partial_chunk_masking is False
+    assert model.clean_context and model.draft_feedback and model.checkpoint_refinement_steps is False
+    for flags in (["--no_clean_context"], ["--clean_context", "false"]):
+        assert parse_arguments(flags, environ={}).model.clean_context is False
     assert parse_arguments(["--checkpoint_refinement_steps", "true"], environ={}).model.checkpoint_refinement_steps
 
 
@@ -80,7 +81,7 @@ def test_llada8b_config_keeps_the_8b_sizes_without_the_embedded_profile(monkeypa
     before = groups(parse_arguments(["--config", path], environ={}))
     after = groups(args)
     # The size of the synthetic set is the one setting left to the profile: this run reads natural_reasoning.
-    assert (before["data"].pop("num_synthetic_train"), after["data"].pop("num_synthetic_train")) == (1000, 2000)
+    assert (before["data"].pop("num_synthetic_train"), after["data"].pop("num_synthetic_train")) == (1000, 8000)
     assert after == before
 
 
@@ -95,7 +96,7 @@ def test_parsed_flags_build_the_config_without_listing_fields():
 
 @pytest.mark.parametrize("flags,message", [
     (["--max_recursive_steps", "0"], "--max_recursive_steps must be at least 1, got 0"),
-    (["--min_recursive_steps", "5"], "--min_recursive_steps (5) must not exceed --max_recursive_steps (4)"),
+    (["--min_recursive_steps", "5"], "--min_recursive_steps (5) must not exceed --max_recursive_steps (2)"),
     (["--head_hidden_size", "-2"], "--head_hidden_size must be positive, got -2"),
     (["--step_weighting", "cubic"], "--step_weighting must be one of linear, uniform, got 'cubic'"),
     (["--mask_probability", "1.5"], "--mask_probability must be in [0, 1], got 1.5"),

@@ -185,7 +185,7 @@ def test_debug_view_shows_masking_and_per_chunk_weights(backbone_dir, tmp_path, 
     monkeypatch.setenv("DEBUG", "1")
     # The library defaults, not the embedded profile's: whole chunks weigh 1.3 from their first token, and unmasked
     # ones 1.0 (the profile gives them no loss, so no line).
-    Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "1", "--no_partial_chunk_masking",
+    Trainer(parse_arguments(base_args(backbone_dir, tmp_path, "--max_steps", "1", "--partial_chunk_masking", "false",
                                       "--unmasked_chunk_weight", "1.0"))).train()
     out = capsys.readouterr().out
     assert "Masked chunks: [" in out

@@ -171,19 +171,22 @@ PARSED_TYPES = (ModelArguments, DataArguments, TrainArguments, TruncationArgumen
 # and not in HybridConfig or the dataclasses: `LLaDATRMHybrid.from_pretrained`, fresh heads, the benchmarks and
 # the inspect program keep the design's defaults, and an 8B run states its sizes in its own config.
 EMBEDDED_PROFILE = {
-    # Decoding commits one token per round, as LLaDA's sampler does, so the head trains on partly masked chunks.
-    "partial_chunk_masking": True,
-    "eval_decode_steps_per_chunk": 16,
+    # The head trains for what the main command decodes, one round (one backbone pass) per chunk: every masked
+    # chunk whole (partial_chunk_masking stays off), against the clean chunks before it, reading its own draft.
+    "clean_context": True,
+    "draft_feedback": True,
     # Unmasked chunks are copies of their inputs: a copying loss would dominate for this backbone.
     "unmasked_chunk_weight": 0.0,
-    # 4x cheaper per sample than 8 steps of 2 latent updates, as accurate here; memory is no concern at this size.
-    "max_recursive_steps": 4,
+    # Half the backbone's width and 2 refinement steps of 1 latent update: 5x cheaper per example than 128 wide
+    # and 4 steps, and as accurate at equal examples here, so five minutes see 4x the examples.
+    "head_hidden_size": 64,
+    "max_recursive_steps": 2,
+    "min_recursive_steps": 1,
     "latent_steps": 1,
     "checkpoint_refinement_steps": False,
-    "num_synthetic_train": 2000,
+    "num_synthetic_train": 8000,
     "batch_size": 16,
-    # 3e-3 kept the head's masked-position loss above the backbone's until the schedule decayed; 1e-3 does not.
-    "learning_rate": 1e-3,
+    # The learning rate is the library's 2e-3 (1e-3 was slower to start in a run this short).
 }
 
 
