@@ -347,8 +347,11 @@ def test_head_weights_of_another_shape_are_one_error_naming_the_file(run_copy, b
     from llada_trm.model.configuration_hybrid import HybridConfig
     from llada_trm.model.integrity import CheckpointMismatchError
 
-    wider = LLaDATRMHybrid(HybridConfig(chunk_size=16, head_hidden_size=64),
-                           backbone=LLaDAModelLM.from_pretrained(backbone_dir))
+    trained = HybridConfig.from_pretrained(run_copy / "checkpoint-3" / "model")  # same parts (draft_proj or not), wider
+    backbone = LLaDAModelLM.from_pretrained(backbone_dir)
+    width = trained.head_hidden_size or backbone.config.d_model
+    wider = LLaDATRMHybrid(HybridConfig(chunk_size=16, head_hidden_size=2 * width,
+                                        draft_feedback=trained.draft_feedback), backbone=backbone)
     weights = run_copy / "checkpoint-3" / "model.safetensors"
     with pytest.raises(CheckpointMismatchError, match="mis-shaped head weights"):
         wider.load_head_weights(weights)
