@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from llada_trm.data.collator import positions_in_masked_chunks
 from llada_trm.model.attention import clean_context_pair
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.head import RecursiveRefinementHead, RefinementState
@@ -180,9 +181,10 @@ class LLaDATRMHybrid(PreTrainedModel):
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, chunk_index=chunk_index,
                       position_ids=position_ids)
         # Where the scores are taken in the model's input, in the order of `supervised`: (rows, columns).
-        scored = supervised.nonzero(as_tuple=True)
         if self.config.clean_context:
             inputs, scored = self.clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids)
+        else:
+            scored = supervised.nonzero(as_tuple=True)
         hidden = self.backbone_hidden_states(**inputs)
         hidden_sup = hidden[scored]  # (N, d_model)
         per_step = self.refine_supervised(hidden, inputs["attention_mask"], inputs["chunk_index"], scored, targets,
@@ -211,13 +213,10 @@ class LLaDATRMHybrid(PreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         clean = labels.where(labels != -100, input_ids)
-        in_chunk = chunk_index >= 0
-        slot_of_chunk = chunk_index.clamp(min=0)
-        is_mask = (input_ids == self.backbone.config.mask_token_id) & in_chunk
-        num_chunks = int(chunk_index.max()) + 1 if chunk_index.numel() else 0
-        chunk_has_mask = torch.zeros(input_ids.shape[0], max(num_chunks, 1), device=input_ids.device)
-        chunk_has_mask = chunk_has_mask.scatter_add_(1, slot_of_chunk, is_mask.float()) > 0  # (B, K)
-        copied = chunk_has_mask.gather(1, slot_of_chunk) & in_chunk
+        is_mask = (input_ids == self.backbone.config.mask_token_id) & (chunk_index >= 0)
+        chunk_has_mask = torch.zeros(input_ids.shape[0], max(int(chunk_index.max()) + 1, 1), device=input_ids.device)
+        chunk_has_mask = chunk_has_mask.scatter_add_(1, chunk_index.clamp(min=0), is_mask.float()) > 0  # (B, K)
+        copied = positions_in_masked_chunks(chunk_index, chunk_has_mask)
         inputs, slot = clean_context_pair(clean, input_ids, attention_mask, chunk_index, position_ids, copied)
         rows, columns = (labels != -100).nonzero(as_tuple=True)
         copy_column = slot[rows, columns]
