@@ -273,7 +273,7 @@ def head_forward_backward(model: LLaDATRMHybrid, hidden: torch.Tensor, batch: di
     coefficient = chunk_token_weights(batch["chunk_index"], batch["chunk_is_masked"], config.deep_supervision_weight,
                                       config.unmasked_chunk_weight)[supervised]
     a = step_weights(config.max_recursive_steps, config.step_weighting, hidden.device)
-    total = sum(a[s] * (ce * coefficient).sum() for s, (ce, *_) in enumerate(per_step))
+    total = sum(a[s] * (step.ce * coefficient).sum() for s, step in enumerate(per_step))
     (total / a.sum() / coefficient.sum().clamp(min=1)).backward()
 
 

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from test_hybrid import make_batch, make_hybrid
 
-from llada_trm.model.hybrid import _score
 from llada_trm.model.lm_head_loss import lm_head_scores, rows_per_chunk
 from llada_trm.training.objectives import HybridObjective
 from llada_trm.training.truncation import TruncationConfig
@@ -24,7 +23,14 @@ def problem(rows=37, width=24, vocab=50, seed=0):
 
 
 def plain_scores(inputs, weight, targets):
-    return _score(F.linear(inputs, weight), targets)
+    """The plain computation: (N, V) fp32 log-probabilities in one piece -> CE, p(label), max probability, argmax."""
+    log_probs = F.log_softmax(F.linear(inputs, weight).float(), dim=-1)
+    max_log_prob, prediction = log_probs.max(dim=-1)
+    if targets is None:
+        zeros = torch.zeros_like(max_log_prob)
+        return zeros, zeros, max_log_prob.exp(), prediction
+    target_log_prob = log_probs.gather(1, targets[:, None]).squeeze(1)
+    return -target_log_prob, target_log_prob.exp(), max_log_prob.exp(), prediction
 
 
 def small_chunks(vocab: int, rows: int) -> int:

@@ -26,7 +26,7 @@ def test_model_loss_equals_the_objective_without_truncation_or_weighting(step_we
     assert torch.equal(result.count, objective.pre_count(batch))
     assert torch.allclose(output.loss, result.loss_sum / result.count, rtol=1e-6, atol=0)
     assert torch.equal(hybrid_loss(output, step_weighting)[0], output.loss)
-    assert output.metrics["loss"] == float(output.loss.detach())
+    assert float(output.metrics.loss) == float(output.loss.detach())
 
 
 def test_decoding_settings_equal_the_keywords_and_overrides_apply_on_top():
@@ -97,3 +97,27 @@ def test_sampler_rows_stop_by_the_chunk_decoders_rule():
     assert _until_stop([5, 9, 1], eos_id=1, answer_close_id=9) == [5, 9]
     assert _until_stop([5, 6], eos_id=1, answer_close_id=None) == [5, 6]
     assert token_stop([1, 5, 9], 1, 1, 9) == 3
+
+
+def test_misspelt_keyword_arguments_are_type_errors_naming_them(tmp_path):
+    model = make_hybrid()
+    batch = make_batch([5, 9], [3, 2], 4, [[0, 2], [1]])
+    with pytest.raises(TypeError, match="misspelt"):
+        model(**batch, misspelt=1)
+    with pytest.raises(TypeError, match="safe_serialisation"):
+        model.save_pretrained(tmp_path, safe_serialisation=True)
+    assert not (tmp_path / "model.safetensors").exists()  # refused before anything was written
+
+
+def test_step_scores_and_metrics_are_named_and_stay_on_the_device():
+    model = make_hybrid(steps=3)
+    batch = make_batch([5, 9], [3, 2], 4, [[0, 2], [1]])
+    output = model(**batch)
+    metrics = output.metrics.as_dict()
+    assert all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in metrics.values())
+    supervised = output.supervised_mask
+    last = output.step_token_loss[-1]
+    assert float(metrics["last_step_loss"]) == pytest.approx(float(last[supervised].mean()), rel=1e-6)
+    assert float(metrics["first_step_loss"]) == pytest.approx(float(output.step_token_loss[0][supervised].mean()),
+                                                              rel=1e-6)
+    assert float(metrics["supervised_tokens"]) == int(supervised.sum())

@@ -1,6 +1,6 @@
 """Batch padding and whole-chunk masking of prepared samples.
 
-`pad_batch` right-pads prepared samples (already whole chunks, see data.layout_sample) with whole pad chunks.
+`pad_batch` right-pads prepared samples (already whole chunks, see data.dataset.layout_sample) with whole pad chunks.
 `ChunkMaskingCollator` then replaces whole reasoning chunks by the mask token, each with probability
 `mask_probability`, and at least one per sample that has reasoning. The draw for a sample depends only on
 (seed, epoch, sample_id): a resumed run replays the same masks, and neither batch composition nor the number

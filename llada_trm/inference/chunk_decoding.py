@@ -26,6 +26,7 @@ Notable:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import Tensor
@@ -81,40 +82,86 @@ def chunk_confidence(logits: Tensor) -> Tensor:
     return logits.float().softmax(dim=-1).amax(dim=-1).mean(dim=-1)
 
 
+class PassKind(Enum):
+    """What one model pass of the decoder covers. The decoder says which; the pass never reads it off shapes."""
+
+    BLOCK_AND_CHUNK = "block_and_chunk"  # the block committed last (first the prompt) + the masked chunk
+    CHUNK = "chunk"  # a later decode round: the masked chunk alone against the caches
+    WHOLE_SEQUENCE = "whole_sequence"  # no cache: the prompt, every committed chunk and the masked chunk
+
+    @property
+    def extends_cache(self) -> bool:
+        """Only the first round of a chunk appends a block (the prompt, or the chunk committed last) to the caches."""
+        return self is PassKind.BLOCK_AND_CHUNK
+
+
 @dataclass
 class PassResult:
     logits: Tensor  # (n, C, V) of the masked chunk, at the step each row stopped at
     steps: Tensor  # (n,) refinement steps used; 0 = backbone alone
     confidence: Tensor  # (n, S) chunk confidence after every step run
-    caches: Caches | None  # `past` extended by the positions before the masked chunk (with `extend_cache`)
+    caches: Caches | None  # `past` extended by the block before the masked chunk (BLOCK_AND_CHUNK passes)
+
+
+class AdaptiveSteps:
+    """Which rows still refine the masked chunk, and what each row keeps: the logits of the step it stopped at.
+    A row stops after `min_recursive_steps` once its chunk confidence reaches `refine_confidence_threshold`."""
+
+    def __init__(self, rows: int, settings: DecodingSettings, device):
+        self.settings = settings
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.steps = torch.zeros(rows, dtype=torch.long, device=device)
+        self.logits: Tensor | None = None
+        self.confidences: list[Tensor] = []
+
+    @property
+    def all_stopped(self) -> bool:
+        return bool(self.done.all())
+
+    def score(self, step: int, logits: Tensor) -> None:
+        """Take step `step`'s (n, C, V) logits for the rows still refining, then apply the stopping rule."""
+        confidence = chunk_confidence(logits)
+        self.confidences.append(confidence)
+        self.logits = logits if self.logits is None else torch.where(self.done[:, None, None], self.logits, logits)
+        self.steps = torch.where(self.done, self.steps, step)
+        self.done |= (step >= self.settings.min_recursive_steps) & (confidence >= self.settings.refine_confidence_threshold)
+
+    def result(self, caches: Caches | None) -> PassResult:
+        return PassResult(self.logits, self.steps, torch.stack(self.confidences, dim=1), caches)
+
+
+def with_draft(model, x_base: Tensor, logits: Tensor, still_masked: Tensor) -> Tensor:
+    """The head's input x for the next step: the step's argmax draft (draft_proj of its embeddings) added where
+    the masked chunk still holds the mask token (still_masked (n, C, 1)), as in training (model/head.py)."""
+    size = still_masked.shape[1]
+    draft = model.draft_input(logits.argmax(dim=-1)).to(x_base.dtype) * still_masked
+    return torch.cat((x_base[:, :-size], x_base[:, -size:] + draft), dim=1)
 
 
 def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor, past: Caches | None,
-                settings: DecodingSettings, extend_cache: bool) -> PassResult:
-    """One pass over `ids` = [block, masked chunk]; the masked chunk (the last `chunk_size` positions) is refined
-    with adaptive steps per row.
+                settings: DecodingSettings, kind: PassKind) -> PassResult:
+    """One pass over `ids`, which ends with the masked chunk (its last `chunk_size` positions); the chunk is
+    refined with adaptive steps per row.
 
-    With `extend_cache`, the block (the prompt or the chunk committed last) is appended to the caches: through the
-    backbone and through every call of all `max_recursive_steps` refinement steps, as an unmasked chunk runs in training.
-    Block-causal attention keeps the block independent of the masked chunk, so sharing the pass changes nothing
-    for either and saves one backbone pass and the shared head calls per chunk. Without `extend_cache`, `ids` is
-    either the masked chunk alone (a later decode round) or the whole sequence (the uncached reference).
+    A BLOCK_AND_CHUNK pass also appends the block before the chunk (the prompt or the chunk committed last) to
+    the caches: through the backbone and through every call of all `max_recursive_steps` refinement steps, as an
+    unmasked chunk runs in training. Block-causal attention keeps the block independent of the masked chunk, so
+    sharing the pass changes nothing for either and saves one backbone pass and the shared head calls per chunk.
     """
-    size = model.config.chunk_size
+    size, extend = model.config.chunk_size, kind.extends_cache
     out = model.backbone(
         input_ids=ids, attention_mask=attention_mask, chunk_index=chunk_index,
         past_key_values=past.backbone if past is not None else None,
-        use_cache=extend_cache, output_hidden_states=True, return_logits=False,
+        use_cache=extend, output_hidden_states=True, return_logits=False,
     )
     hidden = out.last_hidden_state
     masked_chunk = (slice(None), slice(-size, None))  # the last chunk_size positions of every row
     chunk_hidden = hidden[masked_chunk]
-    backbone_cache = drop_last(out.cache, size) if extend_cache else None
+    backbone_cache = drop_last(out.cache, size) if extend else None
     if not settings.enable_refinement:
         logits = model.backbone.lm_head(chunk_hidden)
         steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
-        caches = Caches(backbone_cache, None) if extend_cache else None
-        return PassResult(logits, steps, chunk_confidence(logits)[:, None], caches)
+        return PassResult(logits, steps, chunk_confidence(logits)[:, None], Caches(backbone_cache, None) if extend else None)
 
     past_head = past.head if past is not None else None
 
@@ -122,43 +169,31 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
         return model.head_context(hidden[:, :length], attention_mask[:, :length], chunk_index[:, :length],
                                   past=past_head[0] if past_head else None)
 
-    context = context_of(ids.shape[1])
     x = x_base = model.head.project_in(hidden)
-    state = model.head.initial_state(x)
-    # Draft feedback enters where the chunk still holds the mask token, as in training (model/head.py).
+    context, state = context_of(ids.shape[1]), model.head.initial_state(x)
     still_masked = None
     if model.config.draft_feedback:
         still_masked = (ids[masked_chunk] == model.backbone.config.mask_token_id)[..., None]  # (n, C, 1)
-    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-    steps = torch.zeros(len(ids), dtype=torch.long, device=ids.device)
-    chosen, confidences = None, []
-    head_caches: list[KVCache] | None = [] if extend_cache else None
+    rows = AdaptiveSteps(len(ids), settings, ids.device)
+    block_only = False  # set once every row has stopped: the block alone then goes on to max_recursive_steps
+    head_caches: list[KVCache] | None = [] if extend else None
     for step in range(1, settings.max_recursive_steps + 1):
-        decoding = not bool(done.all())
-        if not decoding and not extend_cache:
-            break
-        if not decoding and state.y.shape[1] == ids.shape[1]:
-            # Every row has stopped refining: the block alone goes on to max_steps.
-            block = ids.shape[1] - size
+        if rows.all_stopped and not block_only:
+            if not extend:
+                break
+            block_only, block = True, ids.shape[1] - size
             x, context = x_base[:, :block], context_of(block)
             state = RefinementState(state.y[:, :block], state.z[:, :block], state.steps_done)
-        calls: list[KVCache] | None = [] if extend_cache else None
-        state, logits = model.refine_step(state, x, context, chunk_hidden, masked_chunk, with_logits=decoding,
+        calls: list[KVCache] | None = [] if extend else None
+        state, logits = model.refine_step(state, x, context, chunk_hidden, masked_chunk, with_logits=not block_only,
                                           caches=past_head, collect_caches=calls)
-        if extend_cache:
-            head_caches += [drop_last(cache, size) for cache in calls] if decoding else calls
-        if decoding:
-            confidence = chunk_confidence(logits)
-            confidences.append(confidence)
-            # Rows that already stopped keep the logits of their stopping step; the others take this step's.
-            chosen = logits if chosen is None else torch.where(done[:, None, None], chosen, logits)
+        if extend:
+            head_caches += calls if block_only else [drop_last(cache, size) for cache in calls]
+        if not block_only:
+            rows.score(step, logits)
             if still_masked is not None:
-                draft = model.draft_input(logits.argmax(dim=-1)).to(x.dtype) * still_masked
-                x = torch.cat((x_base[:, :-size], x_base[:, -size:] + draft), dim=1)
-            steps = torch.where(done, steps, step)
-            done |= (step >= settings.min_recursive_steps) & (confidence >= settings.refine_confidence_threshold)
-    caches = Caches(backbone_cache, head_caches) if extend_cache else None
-    return PassResult(chosen, steps, torch.stack(confidences, dim=1), caches)
+                x = with_draft(model, x_base, logits, still_masked)
+    return rows.result(Caches(backbone_cache, head_caches) if extend else None)
 
 
 # ------------------------------------------------------------------------------------------ stopping
@@ -229,7 +264,7 @@ class ChunkDecoder:
             else:
                 full = chunk
             self.chunks.append(full)
-            running = self.update_rows(k, chunk)
+            running = self.update_rows(chunk)
             if not any(running):
                 return k + 1
             kept = chunk
@@ -281,32 +316,33 @@ class ChunkDecoder:
         """Round r of chunk k: one pass over the active rows (or those at indices `rows`, with `caches` their
         caches), and the proposal (tokens, confidences) for the still-masked positions of `current`."""
         settings, mask_id = self.settings, self.vocabulary.mask_id
-        ids, mask, chunk_index, extend_cache = self.model_inputs(k, current, rows)
-        past = self.caches if rows is None else caches
-        result = refine_pass(self.model, ids, mask, chunk_index, past, settings, extend_cache)
+        ids, mask, chunk_index, kind = self.model_inputs(k, current, rows)
+        result = refine_pass(self.model, ids, mask, chunk_index, self.caches if rows is None else caches, settings, kind)
         self.passes.add(len(ids))
-        if extend_cache:
+        if kind.extends_cache:
             self.caches, self.pending = result.caches, None
-        logits, steps, confidence = result.logits.clone(), result.steps, result.confidence
-        logits[..., mask_id] = -torch.inf
-        x0, token_confidence = propose(logits, current, mask_id, settings.temperature, "low_confidence",
-                                       self.generator)
+        logits = result.logits.clone()
+        logits[..., mask_id] = -torch.inf  # the mask token is never committed
         if self.trace is not None:
-            active = self.active if rows is None else self.active[rows]
-            for row, used, row_confidence in zip(active.tolist(), steps.tolist(), confidence.tolist()):
-                self.trace[row].append(ChunkTrace(k, r, used, row_confidence[: max(used, 1)]))
-        return x0, token_confidence
+            self.record_trace(k, r, result, self.active if rows is None else self.active[rows])
+        return propose(logits, current, mask_id, settings.temperature, "low_confidence", self.generator)
 
-    def model_inputs(self, k: int, current: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, bool]:
+    def record_trace(self, k: int, r: int, result: PassResult, rows: Tensor) -> None:
+        """One ChunkTrace per row of the pass: steps used and the chunk confidence after each."""
+        for row, used, row_confidence in zip(rows.tolist(), result.steps.tolist(), result.confidence.tolist()):
+            self.trace[row].append(ChunkTrace(k, r, used, row_confidence[: max(used, 1)]))
+
+    def model_inputs(self, k: int, current: Tensor, rows: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, PassKind]:
         """ids, attention mask and chunk index of the pass that decodes chunk k (for the active rows, or those at
-        indices `rows` of them, in a later round), and whether it extends the cache."""
+        indices `rows` of them, in a later round), and what kind of pass it is."""
         chunk_index = torch.full_like(current, k)
         if self.settings.use_cache:
             if self.pending is None:  # a later decode round: the chunk alone against the cache
-                return current, torch.ones_like(current), chunk_index, False
+                return current, torch.ones_like(current), chunk_index, PassKind.CHUNK
             ids, mask, block_index = self.pending
             return (torch.cat((ids, current), 1), torch.cat((mask, torch.ones_like(current)), 1),
-                    torch.cat((block_index, chunk_index), 1), True)
+                    torch.cat((block_index, chunk_index), 1), PassKind.BLOCK_AND_CHUNK)
         # No cache: the prompt, every committed chunk and this one, recomputed.
         rows = self.active if rows is None else self.active[rows]
         ids = torch.cat([self.prompt_ids[rows], *(c[rows] for c in self.chunks), current], dim=1)
@@ -315,10 +351,10 @@ class ChunkDecoder:
         reasoning_chunks = torch.arange(k + 1, device=self.device).repeat_interleave(current.shape[1])
         chunk_index = torch.cat([torch.full_like(self.prompt_ids[rows], -1),
                                  reasoning_chunks.expand(len(rows), -1)], dim=1)
-        return ids, mask, chunk_index, False
+        return ids, mask, chunk_index, PassKind.WHOLE_SEQUENCE
 
-    def update_rows(self, k: int, chunk: Tensor) -> list[bool]:
-        """Record chunk k of each active row and decide who stops; returns, per active row, whether it goes on."""
+    def update_rows(self, chunk: Tensor) -> list[bool]:
+        """Record the chunk just decoded for each active row and decide who stops; returns, per active row, whether it goes on."""
         running = []
         for row, chunk_tokens in zip(self.active.tolist(), chunk.tolist()):
             tokens = self.generated[row]

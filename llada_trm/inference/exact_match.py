@@ -1,7 +1,7 @@
 """Fair exact-match evaluation: the same held-out problems, the same new-token budget, each model with its best decoder.
 
 Three decoders are scored side by side (docs/architecture.md §12, docs/inference.md):
-- `backbone_llada_sampler`: the backbone alone with LLaDA's sampler (`generation.generate`), one token per step
+- `backbone_llada_sampler`: the backbone alone with LLaDA's sampler (`inference.sampler.generate`), one token per step
   in semi-autoregressive blocks of `chunk_size`: a plain LLaDA's best decoder;
 - `backbone_chunked`: the backbone alone through the chunk decoder (`generate_with_refinement`, refinement off);
 - `hybrid_refined`: the hybrid with `generate_with_refinement`.

@@ -9,7 +9,7 @@ hold the head and a config naming the backbone, never the backbone's weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from llada_trm.model.attention import clean_context_pair
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.head import RecursiveRefinementHead, RefinementState
 from llada_trm.model.integrity import check_safetensors, write_manifest
-from llada_trm.model.lm_head_loss import lm_head_scores
+from llada_trm.model.lm_head_loss import TokenScores, lm_head_scores
 from llada_trm.model.loading import load_hybrid_config
 from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
 from llada_trm.model.losses import chunk_token_weights, hybrid_loss
@@ -48,18 +48,53 @@ class HybridOutput(ModelOutput):
     steps_to_confidence: Tensor | None = None  # (B, K) steps needed to reach the confidence threshold
     step_logits: Tensor | None = None  # (S, B, L, V) on request, 0 where unsupervised
     backbone_logits: Tensor | None = None  # (B, L, V) on request, 0 where unsupervised
-    metrics: dict | None = None
+    metrics: HybridMetrics | None = None
 
 
-def _score(logits: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-token CE, p(label), max probability and argmax from (N, V) logits, in fp32."""
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    max_log_prob, prediction = log_probs.max(dim=-1)
-    if targets is None:
-        zeros = torch.zeros_like(max_log_prob)
-        return zeros, zeros, max_log_prob.exp(), prediction
-    target_log_prob = log_probs.gather(1, targets[:, None]).squeeze(1)
-    return -target_log_prob, target_log_prob.exp().detach(), max_log_prob.exp().detach(), prediction
+@dataclass
+class StepScores(TokenScores):
+    """One refinement step (or the backbone alone) at the N scored positions: CE, p(label), max probability and
+    argmax (TokenScores), and the (N, V) logits when they were asked for."""
+
+    logits: Tensor | None = None
+
+    @classmethod
+    def of_logits(cls, logits: Tensor, targets: Tensor | None) -> "StepScores":
+        """Scores of (N, V) logits, in fp32; without targets CE and p(label) are zeros."""
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        max_log_prob, prediction = log_probs.max(dim=-1)
+        if targets is None:
+            zeros = torch.zeros_like(max_log_prob)
+            return cls(zeros, zeros, max_log_prob.exp(), prediction, logits)
+        target_log_prob = log_probs.gather(1, targets[:, None]).squeeze(1)
+        return cls(-target_log_prob, target_log_prob.exp().detach(), max_log_prob.exp().detach(), prediction, logits)
+
+    @classmethod
+    def of_token_scores(cls, scores: TokenScores) -> "StepScores":
+        return cls(scores.ce, scores.label_prob, scores.max_prob, scores.prediction)
+
+
+@dataclass
+class HybridMetrics:
+    """The per-micro-batch numbers of docs/architecture.md §6 (unweighted token means), each a 0-dim tensor on the
+    model's device: the trainer sums them there and reads them on the host once per logging step. "Masked chunk"
+    numbers are over the masked positions (all of a masked chunk's, unless chunks are masked partially)."""
+
+    loss: Tensor
+    first_step_loss: Tensor
+    last_step_loss: Tensor
+    masked_chunk_loss: Tensor
+    masked_chunk_accuracy: Tensor
+    unmasked_chunk_loss: Tensor
+    backbone_loss: Tensor
+    # the fair comparison of masked_chunk_loss: decoding reads the head only where the input is masked
+    backbone_masked_chunk_loss: Tensor
+    supervised_tokens: Tensor
+    masked_token_fraction: Tensor
+    mean_steps_to_confidence: Tensor
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class LLaDATRMHybrid(PreTrainedModel):
@@ -155,10 +190,11 @@ class LLaDATRMHybrid(PreTrainedModel):
             return None
         return input_ids == self.backbone.config.mask_token_id
 
-    def step_scores_at(self, hidden: Tensor, y: Tensor, targets: Tensor | None) -> tuple:
-        """`_score(step_logits_at(hidden, y), targets)` through the fused, chunked LM-head loss: no (N, V) tensor."""
+    def step_scores_at(self, hidden: Tensor, y: Tensor, targets: Tensor | None) -> StepScores:
+        """`StepScores.of_logits(step_logits_at(hidden, y), targets)` through the fused, chunked LM-head loss: no
+        (N, V) tensor."""
         weight = self.backbone.get_output_embeddings().weight
-        return lm_head_scores((hidden + self.head.out_proj(y)).to(weight.dtype), weight, targets).as_tuple()
+        return StepScores.of_token_scores(lm_head_scores((hidden + self.head.out_proj(y)).to(weight.dtype), weight, targets))
 
     # ------------------------------------------------------------------ training forward
     def forward(
@@ -170,7 +206,6 @@ class LLaDATRMHybrid(PreTrainedModel):
         chunk_is_masked: Tensor | None = None,
         position_ids: Tensor | None = None,
         return_logits: bool = False,
-        **unused,
     ) -> HybridOutput:
         """All chunks, all `max_recursive_steps` steps, one pass. Supervised positions are those with a label
         (or, without labels, every reasoning position)."""
@@ -186,19 +221,19 @@ class LLaDATRMHybrid(PreTrainedModel):
         else:
             scored = supervised.nonzero(as_tuple=True)
         hidden = self.backbone_hidden_states(**inputs)
-        hidden_sup = hidden[scored]  # (N, d_model)
         per_step = self.refine_supervised(hidden, inputs["attention_mask"], inputs["chunk_index"], scored, targets,
                                           inputs["position_ids"], return_logits, inputs.get("noisy_copy"),
                                           self.draft_positions(inputs["input_ids"]))
         with torch.no_grad():
-            backbone_logits = self.backbone.lm_head(hidden_sup.detach()) if return_logits else None
-            backbone_ce, backbone_prob, _, _ = (
-                _score(backbone_logits, targets) if return_logits
-                else lm_head_scores(hidden_sup.detach(), self.backbone.get_output_embeddings().weight, targets).as_tuple()
-            )
+            hidden_scored = hidden[scored].detach()  # (N, d_model)
+            if return_logits:
+                backbone = StepScores.of_logits(self.backbone.lm_head(hidden_scored), targets)
+            else:
+                weight = self.backbone.get_output_embeddings().weight
+                backbone = StepScores.of_token_scores(lm_head_scores(hidden_scored, weight, targets))
         return self._assemble_output(
-            per_step, supervised, chunk_index, chunk_is_masked, input_ids == self.backbone.config.mask_token_id,
-            backbone_ce, backbone_prob, backbone_logits if return_logits else None, labels,
+            per_step, backbone, supervised=supervised, chunk_index=chunk_index, chunk_is_masked=chunk_is_masked,
+            position_is_masked=input_ids == self.backbone.config.mask_token_id, labels=labels,
         )
 
     def clean_context_inputs(self, input_ids, attention_mask, chunk_index, labels, position_ids=None
@@ -225,12 +260,12 @@ class LLaDATRMHybrid(PreTrainedModel):
     def refine_supervised(
         self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False,
         noisy_copy=None, draft_at=None,
-    ) -> list[tuple]:
-        """The head over every chunk for all `max_recursive_steps` steps; per step, at the supervised positions:
-        (CE, p(label), max probability, argmax, logits or None). Each step is recomputed in the backward pass
-        when `recompute_steps` is on, so activation memory does not grow with the number of steps. Without
-        `return_logits` the scores come from the fused LM-head loss, outside the recomputed part: it keeps no
-        (N, V) tensor for backward, so there is nothing to gain by running it twice.
+    ) -> list[StepScores]:
+        """The head over every chunk for all `max_recursive_steps` steps: each step's scores at the supervised
+        positions. Each step is recomputed in the backward pass when `recompute_steps` is on, so activation memory
+        does not grow with the number of steps. Without `return_logits` the scores come from the fused LM-head
+        loss, outside the recomputed part: it keeps no (N, V) tensor for backward, so there is nothing to gain by
+        running it twice.
 
         supervised: (B, L) bool, or (rows, columns) index tensors (the order of the scores). draft_at (B, L) bool
         (`draft_positions`): with draft feedback, each step's argmax enters the next step's x at the supervised
@@ -244,13 +279,10 @@ class LLaDATRMHybrid(PreTrainedModel):
         drafted = draft_at[supervised] if draft_at is not None else None  # (N,) which scored tokens feed back
         draft_index = tuple(index[drafted] for index in supervised) if drafted is not None else None
 
-        def one_step(y: Tensor, z: Tensor, draft: Tensor | None, steps_done: int):
+        def one_step(state: RefinementState, draft: Tensor | None) -> tuple[RefinementState, StepScores | None]:
             x_step = x if draft is None else x + draft
-            state, logits = self.refine_step(RefinementState(y, z, steps_done), x_step, context, hidden_sup,
-                                             supervised, with_logits=return_logits)
-            if logits is None:
-                return state.y, state.z
-            return (state.y, state.z, *_score(logits, targets), logits)
+            state, logits = self.refine_step(state, x_step, context, hidden_sup, supervised, with_logits=return_logits)
+            return state, StepScores.of_logits(logits, targets) if logits is not None else None
 
         state, draft = self.head.initial_state(x), None
         per_step = []
@@ -258,21 +290,22 @@ class LLaDATRMHybrid(PreTrainedModel):
             if config.detach_between_steps:
                 state = state.detached()
             if config.recompute_steps and self.training and torch.is_grad_enabled():
-                outputs = checkpoint(one_step, state.y, state.z, draft, state.steps_done, use_reentrant=False)
+                state, scores = checkpoint(one_step, state, draft, use_reentrant=False)
             else:
-                outputs = one_step(state.y, state.z, draft, state.steps_done)
-            state = RefinementState(outputs[0], outputs[1], state.steps_done + 1)
-            if not return_logits:
-                outputs = (*outputs, *self.step_scores_at(hidden_sup, state.y[supervised], targets), None)
-            if drafted is not None:  # outputs[5]: this step's argmax at the supervised positions
-                draft = torch.zeros_like(x).index_put(draft_index, self.draft_input(outputs[5][drafted]).to(x.dtype))
-            per_step.append(outputs[2:])
+                state, scores = one_step(state, draft)
+            if scores is None:
+                scores = self.step_scores_at(hidden_sup, state.y[supervised], targets)
+            if drafted is not None:
+                draft = torch.zeros_like(x).index_put(draft_index, self.draft_input(scores.prediction[drafted]).to(x.dtype))
+            per_step.append(scores)
         return per_step
 
     def _assemble_output(
-        self, per_step, supervised, chunk_index, chunk_is_masked, position_is_masked, backbone_ce, backbone_prob,
-        backbone_logits, labels,
+        self, per_step: list[StepScores], backbone: StepScores, *, supervised: Tensor, chunk_index: Tensor,
+        chunk_is_masked: Tensor | None, position_is_masked: Tensor, labels: Tensor | None,
     ) -> HybridOutput:
+        """The (N,) scores at the supervised positions spread back to (B, L), chunk weights and confidences, and
+        with labels the loss and the metrics."""
         config = self.config
         batch, length = supervised.shape
 
@@ -280,7 +313,6 @@ class LLaDATRMHybrid(PreTrainedModel):
             full = values.new_full((batch, length, *values.shape[1:]), fill)
             return full.masked_scatter(supervised.view(batch, length, *[1] * (values.dim() - 1)), values)
 
-        step_token_loss = torch.stack([spread(ce) for ce, *_ in per_step])
         num_chunks = chunk_is_masked.shape[1] if chunk_is_masked is not None else int(chunk_index.max()) + 1
         num_chunks = max(num_chunks, 1)
         if chunk_is_masked is None:
@@ -290,21 +322,22 @@ class LLaDATRMHybrid(PreTrainedModel):
             position_is_masked,
         ) * supervised
         confidence = torch.stack(
-            [self._chunk_mean(spread(max_prob), supervised, chunk_index, num_chunks) for _, _, max_prob, _, _ in per_step]
+            [self._chunk_mean(spread(step.max_prob), supervised, chunk_index, num_chunks) for step in per_step]
         )
+        with_logits = backbone.logits is not None
         output = HybridOutput(
-            step_token_loss=step_token_loss,
+            step_token_loss=torch.stack([spread(step.ce) for step in per_step]),
             supervised_mask=supervised,
             masked_positions=position_is_masked & supervised,
             chunk_weight=chunk_weight,
-            final_label_prob=spread(per_step[-1][1]),
-            backbone_token_loss=spread(backbone_ce),
-            backbone_label_prob=spread(backbone_prob),
-            final_predictions=spread(per_step[-1][3], fill=-100),
+            final_label_prob=spread(per_step[-1].label_prob),
+            backbone_token_loss=spread(backbone.ce),
+            backbone_label_prob=spread(backbone.label_prob),
+            final_predictions=spread(per_step[-1].prediction, fill=-100),
             chunk_confidence=confidence,
             steps_to_confidence=self.steps_to_reach(confidence),
-            step_logits=torch.stack([spread(logits) for *_, logits in per_step]) if backbone_logits is not None else None,
-            backbone_logits=spread(backbone_logits) if backbone_logits is not None else None,
+            step_logits=torch.stack([spread(step.logits) for step in per_step]) if with_logits else None,
+            backbone_logits=spread(backbone.logits) if with_logits else None,
         )
         if labels is not None:
             output.loss, _ = hybrid_loss(output, config.step_weighting)
@@ -329,8 +362,9 @@ class LLaDATRMHybrid(PreTrainedModel):
         return torch.where(after_min.any(dim=0), first, torch.full_like(first, confidence.shape[0]))
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, save_directory, state_dict: dict | None = None, **unused) -> None:
-        """Head weights + config; the backbone only when it is trained (official layout in `backbone/`)."""
+    def save_pretrained(self, save_directory, state_dict: dict | None = None) -> None:
+        """Head weights + config; the backbone only when it is trained (official layout in `backbone/`). Takes no
+        other options (safe_serialization, sharding, ...): a misspelt or unsupported one is a TypeError."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         state_dict = state_dict if state_dict is not None else self.state_dict()
@@ -393,40 +427,33 @@ class LLaDATRMHybrid(PreTrainedModel):
         return generate_with_refinement(self, prompt, **kwargs)
 
     def generate(self, prompt, **kwargs):
-        """Plain LLaDA sampling with the backbone alone: `generation.generate`."""
+        """Plain LLaDA sampling with the backbone alone: `inference.sampler.generate`."""
         from llada_trm.inference.sampler import generate
 
         return generate(self.backbone, prompt, **kwargs)
 
 
-def micro_batch_metrics(output: HybridOutput, labels: Tensor) -> dict[str, float]:
-    """The per-micro-batch numbers of docs/architecture.md §6 (unweighted token means), as Python floats. "Masked chunk"
-    numbers are over the masked positions (all of a masked chunk's, unless chunks are masked partially)."""
+def micro_batch_metrics(output: HybridOutput, labels: Tensor) -> HybridMetrics:
+    """HybridMetrics of one micro-batch, computed on the device without a host sync."""
     with torch.no_grad():
         supervised = output.supervised_mask
-        count = supervised.sum().clamp(min=1)
         in_masked_chunk = output.masked_positions
-        in_unmasked_chunk = supervised & ~in_masked_chunk
         last = output.step_token_loss[-1]
 
-        def mean_over(values: Tensor, where: Tensor) -> float:
-            return float((values * where).sum() / where.sum().clamp(min=1))
+        def mean_over(values: Tensor, where: Tensor) -> Tensor:
+            return (values * where).sum() / where.sum().clamp(min=1)
 
-        real_chunks = output.chunk_confidence[-1] > 0
-        return {
-            "loss": float(output.loss),
-            "first_step_loss": mean_over(output.step_token_loss[0], supervised),
-            "last_step_loss": mean_over(last, supervised),
-            "masked_chunk_loss": mean_over(last, in_masked_chunk),
-            "masked_chunk_accuracy": mean_over((output.final_predictions == labels).float(), in_masked_chunk),
-            "unmasked_chunk_loss": mean_over(last, in_unmasked_chunk),
-            "backbone_loss": mean_over(output.backbone_token_loss, supervised),
-            # the fair comparison of masked_chunk_loss: decoding reads the head only where the input is masked
-            "backbone_masked_chunk_loss": mean_over(output.backbone_token_loss, in_masked_chunk),
-            "supervised_tokens": float(supervised.sum()),
-            "masked_token_fraction": float(in_masked_chunk.sum() / count),
-            "mean_steps_to_confidence": float(output.steps_to_confidence[real_chunks].float().mean())
-            if real_chunks.any()
-            else 0.0,
-        }
-
+        return HybridMetrics(
+            loss=output.loss.detach().float(),
+            first_step_loss=mean_over(output.step_token_loss[0], supervised),
+            last_step_loss=mean_over(last, supervised),
+            masked_chunk_loss=mean_over(last, in_masked_chunk),
+            masked_chunk_accuracy=mean_over((output.final_predictions == labels).float(), in_masked_chunk),
+            unmasked_chunk_loss=mean_over(last, supervised & ~in_masked_chunk),
+            backbone_loss=mean_over(output.backbone_token_loss, supervised),
+            backbone_masked_chunk_loss=mean_over(output.backbone_token_loss, in_masked_chunk),
+            supervised_tokens=supervised.sum().float(),
+            masked_token_fraction=in_masked_chunk.sum() / supervised.sum().clamp(min=1),
+            # over the chunks that hold supervised tokens (a padded chunk slot has confidence 0)
+            mean_steps_to_confidence=mean_over(output.steps_to_confidence.float(), output.chunk_confidence[-1] > 0),
+        )

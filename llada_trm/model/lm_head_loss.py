@@ -31,9 +31,6 @@ class TokenScores:
     max_prob: Tensor  # (N,) largest softmax probability, detached
     prediction: Tensor  # (N,) argmax, long
 
-    def as_tuple(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.ce, self.label_prob, self.max_prob, self.prediction
-
 
 def rows_per_chunk(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (4 * vocab_size))

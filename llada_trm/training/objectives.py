@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from llada_trm.training.diffusion import clean_context_inputs, forward_mask, llada_sft_loss
 from llada_trm.training.lora_reference import reference_label_prob
+from llada_trm.model.hybrid import HybridMetrics
 from llada_trm.model.losses import chunk_token_weights, hybrid_loss
 from llada_trm.training.truncation import TruncationConfig, TruncationDecision, truncation_decisions
 from llada_trm.training.weighting import WeightingConfig, token_weights
@@ -27,10 +28,21 @@ NO_TRUNCATION = TruncationConfig()
 
 
 @dataclass
+class SFTMetrics:
+    """The numbers of one micro-batch of the SFT objectives, 0-dim tensors on the device (as HybridMetrics)."""
+
+    loss: Tensor  # the per-sequence mean loss, detached
+    masked_tokens: Tensor
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {"loss": self.loss, "masked_tokens": self.masked_tokens}
+
+
+@dataclass
 class MicroBatchResult:
     loss_sum: Tensor  # attached to the graph; divided by the global normaliser in the trainer
     count: Tensor  # this micro-batch's share of the normaliser (after truncation)
-    metrics: dict = field(default_factory=dict)
+    metrics: HybridMetrics | SFTMetrics | None = None
     output: object = None
     decision: TruncationDecision | None = None
 
@@ -88,7 +100,7 @@ class LLaDASFTObjective:
         per_sequence_mean = llada_sft_loss(logits, targets, is_masked, p_mask, is_response)
         count = self.pre_count(batch)
         loss_sum = per_sequence_mean * count
-        return MicroBatchResult(loss_sum, count, {"loss": float(per_sequence_mean.detach()), "masked_tokens": float(is_masked.sum())})
+        return MicroBatchResult(loss_sum, count, SFTMetrics(per_sequence_mean.detach(), is_masked.sum().float()))
 
 
 class BlockSFTObjective(LLaDASFTObjective):
@@ -105,4 +117,4 @@ class BlockSFTObjective(LLaDASFTObjective):
         per_sequence_mean = llada_sft_loss(noisy_logits, targets, is_masked, p_mask, is_response)
         count = self.pre_count(batch)
         return MicroBatchResult(per_sequence_mean * count, count,
-                                {"loss": float(per_sequence_mean.detach()), "masked_tokens": float(is_masked.sum())})
+                                SFTMetrics(per_sequence_mean.detach(), is_masked.sum().float()))

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from llada_trm.training.arguments import RunArguments
@@ -30,8 +31,22 @@ class MetricsLog:
         self.accelerator.log(numbers, step=record["step"])
 
 
+def on_host(window_log: list[dict]) -> list[dict]:
+    """The records with their tensor values (metrics summed on the device) as Python floats, in one transfer."""
+    places = [(i, key) for i, record in enumerate(window_log) for key, value in record.items()
+              if isinstance(value, torch.Tensor)]
+    if not places:
+        return window_log
+    values = torch.stack([window_log[i][key].detach().float().reshape(()) for i, key in places]).tolist()
+    records = [dict(record) for record in window_log]
+    for (i, key), value in zip(places, values):
+        records[i][key] = value
+    return records
+
+
 def summarise(window_log: list[dict], state, learning_rate: float, elapsed: float) -> dict:
     """One metrics record for the steps in `window_log`: their numeric metrics averaged, plus the counters."""
+    window_log = on_host(window_log)
     numeric = [k for k, v in window_log[-1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     record = {"step": state.global_step, "epoch": state.epoch, "learning_rate": learning_rate,
               "tokens_per_second": sum(r["tokens"] for r in window_log) / elapsed,

@@ -192,7 +192,7 @@ class Trainer:
             loss_sum = loss_sum + result.loss_sum.detach().float()
             kept = kept + result.count
             tokens += int(batch["attention_mask"].sum())
-            for key, value in result.metrics.items():
+            for key, value in result.metrics.as_dict().items():  # on the device: read once per logging step
                 metric_sums[key] = metric_sums.get(key, 0.0) + value / len(window)
             last = (batch, result)
         kept_global = acc.reduce(torch.as_tensor(kept, device=acc.device, dtype=torch.float32), "sum")

@@ -89,7 +89,7 @@ class HybridView:
         per_step = model.refine_supervised(hidden, b["attention_mask"], b["chunk_index"], supervised,
                                            b["labels"][supervised],
                                            draft_at=model.draft_positions(b["input_ids"]))
-        losses = [ce for ce, *_ in per_step]
+        losses = [step.ce for step in per_step]
         return losses, torch.arange(losses[0].numel(), device=hidden.device)
 
 
