@@ -8,6 +8,11 @@ turns a user mistake into one line and exit 2.
 
 import argparse
 import sys
+import typing
+from dataclasses import fields
+
+from llada_trm.data.arguments import DataArguments
+from llada_trm.inference.decoding_settings import DecodingSettings
 
 EXIT_USAGE = 2  # exit code of every command-line program for a user mistake (bad path or argument)
 
@@ -30,7 +35,33 @@ def add_scoring_flags(parser, backbone_help: str) -> None:
     parser.add_argument("--dataset_path", default=None)
     parser.add_argument("--split", default="test")
     parser.add_argument("--max_samples", type=int, default=200)
-    parser.add_argument("--max_length", type=int, default=512,
+    # The data's max_length (DataArguments), not the decoder's: problems are prepared as for training.
+    parser.add_argument("--max_length", type=int, default=_field_default(DataArguments, "max_length"),
                         help="longest prepared sample in tokens (at most the model's max_sequence_length)")
-    parser.add_argument("--max_new_tokens", type=int, default=None,
-                        help="new-token budget of every decoder (default: longest reference reasoning + one chunk)")
+    add_decoding_flags(parser, "max_new_tokens")  # default None: the longest reference reasoning + one chunk
+
+
+def _field_default(cls, name: str):
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def add_decoding_flags(parser, *names: str) -> None:
+    """`--<name>` for each named DecodingSettings field, with the field's type, default and help: a decoding
+    setting has its one definition there, whichever program decodes. A boolean on by default is `--no_<name>`."""
+    settings = {f.name: f for f in fields(DecodingSettings)}
+    hints = typing.get_type_hints(DecodingSettings)
+    for name in names:
+        setting, kind = settings[name], hints[name]
+        help, aliases = setting.metadata["help"], setting.metadata["aliases"]
+        if kind is bool:
+            flag, action = (f"--no_{name}", "store_false") if setting.default else (f"--{name}", "store_true")
+            parser.add_argument(flag, *aliases, dest=name, action=action, default=setting.default, help=help)
+        else:
+            value_type = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            parser.add_argument(f"--{name}", *aliases, type=value_type, default=setting.default, help=help)
+
+
+def decoding_settings(args: argparse.Namespace, **fixed) -> DecodingSettings:
+    """The DecodingSettings of the parsed decoding flags, with `fixed` fields set by the program itself."""
+    given = {f.name: getattr(args, f.name) for f in fields(DecodingSettings) if hasattr(args, f.name)}
+    return DecodingSettings(**{**given, **fixed})

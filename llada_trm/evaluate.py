@@ -16,23 +16,27 @@ import json
 import sys
 from pathlib import Path
 
-from llada_trm.cli import EXIT_USAGE, add_scoring_flags
+from llada_trm.cli import EXIT_USAGE, add_decoding_flags, add_scoring_flags, decoding_settings
 from llada_trm.data.dataset import DataArguments, prepare_dataset
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
-from llada_trm.inference.decoding_settings import DecodingSettings
 from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, format_fair_table, scored_rows
 from llada_trm.model.loading import resolve_device
 from llada_trm.model.integrity import CheckpointMismatchError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_scoring_flags(parser, "LLaDA model directory or tiny-llada: a fresh hybrid with an untrained head")
-    parser.add_argument("--decode_steps_per_chunk", type=int, default=1, help="rounds per chunk of the chunk decoder")
+    add_decoding_flags(parser, "decode_steps_per_chunk")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--output_json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = make_parser()
     args = parser.parse_args(argv)
     for name in ("max_samples", "max_length", "batch_size", "max_new_tokens", "decode_steps_per_chunk"):
         value = getattr(args, name)
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         models = {"backbone_llada_sampler": model.backbone, "backbone_chunked": model, "hybrid_refined": model}
         evaluation = fair_evaluation(tokenizer, rows, budget, chunk_size, models, batch_size=args.batch_size,
                                      progress=not args.no_progress,
-                                     settings=DecodingSettings(decode_steps_per_chunk=args.decode_steps_per_chunk))
+                                     settings=decoding_settings(args, max_new_tokens=None))
     except (InferenceSetupError, CheckpointMismatchError, ValueError, OSError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, no traceback
         return EXIT_USAGE

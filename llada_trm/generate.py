@@ -16,10 +16,9 @@ import sys
 
 import torch
 
-from llada_trm.cli import EXIT_USAGE
+from llada_trm.cli import EXIT_USAGE, add_decoding_flags, decoding_settings
 from llada_trm.data.layout import extract_answer
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
-from llada_trm.inference.decoding_settings import DecodingSettings
 from llada_trm.model.loading import resolve_device
 from llada_trm.model.integrity import CheckpointMismatchError
 
@@ -36,14 +35,12 @@ def format_trace(trace) -> str:
 def answer_one(model, tokenizer, question: str, args) -> str:
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     max_length = min(args.max_length, model.backbone.config.max_sequence_length)
-    settings = DecodingSettings(max_length=max_length, enable_refinement=not args.no_refinement,
-                                temperature=args.temperature, decode_steps_per_chunk=args.decode_steps_per_chunk,
-                                return_trace=args.trace)
+    settings = decoding_settings(args, max_length=max_length)
     out = model.generate_with_refinement(question, tokenizer=tokenizer, settings=settings, generator=generator)
     text = out.texts[0]
     answer = extract_answer(text)
     parts = [text.rstrip(), f"Answer: {answer if answer is not None else '(none)'}"]
-    if args.trace:
+    if args.return_trace:
         parts.append("Refinement trace:\n" + format_trace(out.trace[0]))
     return "\n".join(parts)
 
@@ -60,7 +57,7 @@ def chat(model, tokenizer, args) -> None:
         print()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="hybrid checkpoint directory (model + tokenizer files)")
@@ -68,15 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="a question, or a prompt text containing the reasoning marker")
     mode.add_argument("--chat", action="store_true", help="read questions from stdin until EOF or an empty line")
-    parser.add_argument("--no_refinement", action="store_true", help="decode with the backbone alone")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_length", type=int, default=512,
-                        help="total tokens, prompt included (at most the model's max_sequence_length)")
-    parser.add_argument("--decode_steps_per_chunk", type=int, default=1)
-    parser.add_argument("--trace", action="store_true", help="print refinement steps and confidences per chunk")
+    add_decoding_flags(parser, "enable_refinement", "temperature", "max_length", "max_new_tokens",
+                       "decode_steps_per_chunk", "commit_threshold", "return_trace")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (temperature > 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

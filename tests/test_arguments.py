@@ -12,9 +12,11 @@ from llada_trm.env_flags import env_flag, parse_bool
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.training import arguments
 from llada_trm.training.arguments import (
-    EMBEDDED_PROFILE, HYBRID_FLAGS, MaskingArguments, TrainArguments, UsageError, hybrid_config, make_parser,
+    HYBRID_FLAGS, MaskingArguments, TrainArguments, UsageError, embedded_profile, hybrid_config, make_parser,
     parse_arguments,
 )
+
+EMBEDDED_PROFILE = embedded_profile()
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -37,16 +39,34 @@ def groups(args) -> dict:
         ("weighting", args.weighting))} | {"truncation_flags": args.truncation_flags}
 
 
-def test_no_flags_run_the_embedded_profile_of_configs_default_yaml():
-    """The documented command without --config trains what configs/default.yaml describes, output_dir included."""
+def test_no_flags_run_the_embedded_profile_and_configs_default_yaml_is_that_profile():
+    """The documented command without --config trains the profile file's run; configs/default.yaml names the
+    profile (`base: embedded`) instead of copying it, and the profile only lists what it changes."""
     assert groups(parse_arguments([], environ={})) == groups(
         parse_arguments(["--config", str(CONFIGS / "default.yaml")], environ={}))
-    # The file writes the whole profile out, and the profile does change the library's defaults.
-    written = yaml.safe_load((CONFIGS / "default.yaml").read_text())
-    assert {name: written.get(name) for name in EMBEDDED_PROFILE} == EMBEDDED_PROFILE
+    assert yaml.safe_load((CONFIGS / "default.yaml").read_text()) == {"base": "embedded"}
     library = {f.name: f.default for cls in (HybridConfig, MaskingArguments, DataArguments, TrainArguments)
                for f in dataclasses.fields(cls)}
-    assert all(library[name] != value for name, value in EMBEDDED_PROFILE.items())
+    assert EMBEDDED_PROFILE and all(library[name] != value for name, value in EMBEDDED_PROFILE.items())
+    model = parse_arguments([], environ={}).model
+    assert all(getattr(model, name) == value for name, value in EMBEDDED_PROFILE.items() if hasattr(model, name))
+
+
+def test_a_config_without_base_starts_from_the_library_defaults(tmp_path):
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("learning_rate: 0.001\n")
+    on_profile = tmp_path / "on_profile.yaml"
+    on_profile.write_text("base: embedded\nlearning_rate: 0.001\n")
+    library = parse_arguments(["--config", str(plain)], environ={})
+    assert library.model.max_recursive_steps == HybridConfig.max_recursive_steps  # the dataclass default
+    assert library.train.learning_rate == 0.001
+    profiled = parse_arguments(["--config", str(on_profile)], environ={})
+    assert profiled.model.max_recursive_steps == EMBEDDED_PROFILE["max_recursive_steps"]
+    assert groups(profiled) == groups(parse_arguments(["--learning_rate", "0.001"], environ={}))
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("base: tiny\n")
+    with pytest.raises(UsageError, match="`base` must be `embedded`"):
+        parse_arguments(["--config", str(wrong)], environ={})
 
 
 def test_one_pass_per_chunk_config_is_the_documented_command():
@@ -67,22 +87,18 @@ def test_embedded_profile_booleans_turn_off_like_any_other():
     assert parse_arguments(["--checkpoint_refinement_steps", "true"], environ={}).model.checkpoint_refinement_steps
 
 
-def test_llada8b_config_keeps_the_8b_sizes_without_the_embedded_profile(monkeypatch):
-    """The 8B config states every setting it used to take from the library defaults, so it trains as before."""
+def test_llada8b_config_keeps_the_8b_sizes_without_the_embedded_profile():
+    """The 8B config has no `base`: it starts from the library defaults, and states its sizes."""
     path = str(CONFIGS / "llada8b_natural_reasoning.yaml")
     args = parse_arguments(["--config", path], environ={})
     m, t = args.model, args.train
     assert (m.max_recursive_steps, m.min_recursive_steps, m.latent_steps) == (8, 2, 2)
     assert m.checkpoint_refinement_steps is True
-    assert (m.deep_supervision_weight, m.unmasked_chunk_weight, m.partial_chunk_masking) == (0.3, 1.0, False)
+    assert (m.deep_supervision_weight, m.partial_chunk_masking) == (0.3, False)
     assert (t.eval_decode_steps_per_chunk, t.batch_size, t.learning_rate) == (1, 4, 3e-4)
     assert (m.model_name_or_path, args.data.dataset_name) == ("GSAI-ML/LLaDA-8B-Instruct", "natural_reasoning")
-    monkeypatch.setattr(arguments, "EMBEDDED_PROFILE", {})  # the program's defaults as they were: the library's
-    before = groups(parse_arguments(["--config", path], environ={}))
-    after = groups(args)
-    # The size of the synthetic set is the one setting left to the profile: this run reads natural_reasoning.
-    assert (before["data"].pop("num_synthetic_train"), after["data"].pop("num_synthetic_train")) == (1000, 8000)
-    assert after == before
+    library_synthetic = next(f.default for f in dataclasses.fields(DataArguments) if f.name == "num_synthetic_train")
+    assert args.data.num_synthetic_train == library_synthetic  # nothing of the embedded profile leaks in
 
 
 def test_parsed_flags_build_the_config_without_listing_fields():
@@ -151,3 +167,33 @@ def test_a_yaml_integer_for_a_float_setting_is_a_float(tmp_path):
     hybrid = hybrid_config(args.model)
     assert (hybrid.deep_supervision_weight, hybrid.unmasked_chunk_weight, hybrid.chunk_size) == (1.0, 0.0, 8)
     assert type(hybrid.deep_supervision_weight) is float and type(hybrid.chunk_size) is int
+
+
+def test_every_training_and_decoding_flag_has_exactly_one_default():
+    """Walk the parsers: a training flag's default is its dataclass field's, or the embedded profile's; a decoding
+    flag of any program that decodes is DecodingSettings' field, default and help."""
+    from llada_trm import evaluate, generate
+    from llada_trm.inference.decoding_settings import DecodingSettings
+    from llada_trm.training.arguments import PARSED_TYPES
+
+    library = {f.name: f.default for cls in PARSED_TYPES for f in dataclasses.fields(cls)}
+    parser = make_parser()
+    flags = {a.dest for a in parser._actions if a.dest in library}
+    assert flags == set(library)  # every field is a flag
+    for name in flags:  # get_default: what argparse fills in, whichever of --x / --no_x defined it
+        assert parser.get_default(name) == EMBEDDED_PROFILE.get(name, library[name]), name
+    settings = {f.name: f for f in dataclasses.fields(DecodingSettings)}
+    decoding_flags = 0
+    for program in (generate, evaluate):
+        program_parser = program.make_parser()
+        for action in program_parser._actions:
+            if program is evaluate and action.dest == "max_length":  # the data's setting: problems as in training
+                assert program_parser.get_default("max_length") == library["max_length"]
+            elif action.dest in settings:
+                decoding_flags += 1
+                assert program_parser.get_default(action.dest) == settings[action.dest].default, action.dest
+                assert action.help == settings[action.dest].metadata["help"]
+    assert decoding_flags >= 8
+    # The old spellings still reach the one setting.
+    args = generate.parse_args(["--backbone", "tiny-llada", "--prompt", "q", "--no_refinement", "--trace"])
+    assert args.enable_refinement is False and args.return_trace is True

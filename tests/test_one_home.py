@@ -117,7 +117,7 @@ def test_step_scores_and_metrics_are_named_and_stay_on_the_device():
     assert all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in metrics.values())
     supervised = output.supervised_mask
     last = output.step_token_loss[-1]
-    assert float(metrics["last_step_loss"]) == pytest.approx(float(last[supervised].mean()), rel=1e-6)
-    assert float(metrics["first_step_loss"]) == pytest.approx(float(output.step_token_loss[0][supervised].mean()),
+    assert float(metrics["last_step_loss"]) == pytest.approx(float(last.detach()[supervised].mean()), rel=1e-6)
+    assert float(metrics["first_step_loss"]) == pytest.approx(float(output.step_token_loss[0].detach()[supervised].mean()),
                                                               rel=1e-6)
     assert float(metrics["supervised_tokens"]) == int(supervised.sum())

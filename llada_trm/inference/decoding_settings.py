@@ -7,41 +7,43 @@ what comes from the model and the tokenizer, not from the user: the mask, EOS an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from llada_trm.data.layout import ANSWER_CLOSE
 from llada_trm.inference.prompts import single_token_id
 
 
+def _setting(default, help: str, aliases: tuple[str, ...] = ()):
+    """A decoding setting: its one default and help, which the programs' flags take (cli.add_decoding_flags)."""
+    return field(default=default, metadata={"help": help, "aliases": aliases})
+
+
 @dataclass
 class DecodingSettings:
-    """How `generate_with_refinement` decodes. None: the model config's value (refinement settings).
+    """How `generate_with_refinement` decodes. None: the model config's value (refinement settings). Each field is
+    also the flag `--<name>` of the programs that decode (a boolean that is on by default: `--no_<name>`).
 
-    max_length: total tokens per row, prompt included (`max_new_tokens`, when set, counts new tokens only).
-    enable_refinement: False decodes with the backbone's logits alone (same chunk-by-chunk schedule).
-    use_cache: False recomputes the whole sequence for every chunk (the reference the cached path equals).
-    temperature: 0 commits the argmax, otherwise tokens are sampled.
-    decode_steps_per_chunk: rounds per chunk; each commits the most confident still-masked tokens.
-    commit_threshold: instead of a fixed number of rounds, each round commits every still-masked token whose
-        confidence is >= it, and at least the most confident one, until the chunk has no mask left
-        (`decode_steps_per_chunk` is then not used). Above 1: one token a round; 0: the whole chunk in one round.
-    refine_confidence_threshold / min_recursive_steps / max_recursive_steps: adaptive refinement, per row and chunk.
-    return_trace: also return, per row, the steps and confidences of every chunk and round.
-    ignore_eos: keep decoding to the length limit after EOS or `</answer>` (benchmarks).
+    commit_threshold: above 1 commits one token a round; 0 the whole chunk in one round.
     """
 
-    max_length: int = 512
-    max_new_tokens: int | None = None
-    enable_refinement: bool = True
-    use_cache: bool = True
-    temperature: float = 0.0
-    decode_steps_per_chunk: int = 1
-    commit_threshold: float | None = None
-    refine_confidence_threshold: float | None = None
-    min_recursive_steps: int | None = None
-    max_recursive_steps: int | None = None
-    return_trace: bool = False
-    ignore_eos: bool = False
+    max_length: int = _setting(512, "total tokens per row, prompt included (at most the model's max_sequence_length)")
+    max_new_tokens: int | None = _setting(None, "new tokens per row; when set, it wins over max_length")
+    enable_refinement: bool = _setting(True, "refine with the head; off: decode with the backbone's logits alone "
+                                             "(same chunk-by-chunk schedule)", aliases=("--no_refinement",))
+    use_cache: bool = _setting(True, "KV caches; off recomputes the whole sequence for every chunk (the reference "
+                                     "the cached path equals)")
+    temperature: float = _setting(0.0, "0 commits the argmax, otherwise tokens are sampled")
+    decode_steps_per_chunk: int = _setting(1, "rounds per chunk; each commits the most confident still-masked tokens")
+    commit_threshold: float | None = _setting(None, "instead of a fixed number of rounds, each round commits every "
+                                                    "still-masked token whose confidence is >= it (and at least the "
+                                                    "most confident one) until the chunk has no mask left")
+    refine_confidence_threshold: float | None = _setting(None, "a row stops refining a chunk at this confidence "
+                                                               "(default: the model's)")
+    min_recursive_steps: int | None = _setting(None, "refinement steps before stopping is allowed (default: the model's)")
+    max_recursive_steps: int | None = _setting(None, "most refinement steps per chunk (default: the model's)")
+    return_trace: bool = _setting(False, "also return, per row, the steps and confidences of every chunk and round",
+                                  aliases=("--trace",))
+    ignore_eos: bool = _setting(False, "keep decoding to the length limit after EOS or `</answer>` (benchmarks)")
 
     def with_overrides(self, **overrides) -> "DecodingSettings":
         """A copy with some fields changed; an unknown name is a TypeError naming it."""

@@ -8,7 +8,8 @@ The hybrid's flags are HybridConfig's own fields (name, type, default, help), an
 is their only range check; the chunk-masking flags are `MaskingArguments`, shared with the inspect program.
 
 The program's defaults are the library's (the dataclasses' and HybridConfig's, sized for an 8B backbone) except
-where `EMBEDDED_PROFILE` overrides them: without `--config` the program runs the embedded default.
+where the embedded profile (llada_trm/embedded/profile.yaml) changes them: without `--config`, or with a config
+that says `base: embedded`, the program runs the embedded default; any other config starts from the library's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser, PreTrainedConfig
 
 from llada_trm.data.arguments import DataArguments
+from llada_trm.embedded.assets import EMBEDDED_PROFILE_FILE
 from llada_trm.model.configuration_hybrid import HybridConfig, HybridConfigError
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig
@@ -165,73 +167,75 @@ class RunArguments:
 
 PARSED_TYPES = (ModelArguments, DataArguments, TrainArguments, TruncationArguments, WeightingConfig)
 
-# The training program's defaults where they differ from the library's. The program's default backbone and data
-# are the shipped tiny LLaDA and the synthetic set, so its default sizes are theirs too (configs/default.yaml
-# states the whole profile; docs/embedded_default.md has the measurements). They live here, at the flag layer,
-# and not in HybridConfig or the dataclasses: `LLaDATRMHybrid.from_pretrained`, fresh heads, the benchmarks and
-# the inspect program keep the design's defaults, and an 8B run states its sizes in its own config.
-EMBEDDED_PROFILE = {
-    # The head trains for what the main command decodes, one round (one backbone pass) per chunk: every masked
-    # chunk whole (partial_chunk_masking stays off), against the clean chunks before it, reading its own draft.
-    "clean_context": True,
-    "draft_feedback": True,
-    # Unmasked chunks are copies of their inputs: a copying loss would dominate for this backbone.
-    "unmasked_chunk_weight": 0.0,
-    # Half the backbone's width and 2 refinement steps of 1 latent update: 5x cheaper per example than 128 wide
-    # and 4 steps, and as accurate at equal examples here, so five minutes see 4x the examples.
-    "head_hidden_size": 64,
-    "max_recursive_steps": 2,
-    "min_recursive_steps": 1,
-    "latent_steps": 1,
-    "checkpoint_refinement_steps": False,
-    "num_synthetic_train": 8000,
-    "batch_size": 16,
-    # The learning rate is the library's 2e-3 (1e-3 was slower to start in a run this short).
-}
+def embedded_profile() -> dict:
+    """The training program's defaults where they differ from the library's: llada_trm/embedded/profile.yaml, the
+    one place that says what the embedded run changes. They live at the flag layer, not in HybridConfig or the
+    dataclasses: `LLaDATRMHybrid.from_pretrained`, fresh heads, the benchmarks and the inspect program keep the
+    library's defaults, and an 8B run states its sizes in its own config."""
+    return _read_yaml(EMBEDDED_PROFILE_FILE, "the embedded profile")
 
 
-def make_parser() -> HfArgumentParser:
+def make_parser(profile: bool = True) -> HfArgumentParser:
+    """The training program's parser; its defaults are the library's, with the embedded profile on top when
+    `profile` (no --config, or a config that says `base: embedded`)."""
     parser = HfArgumentParser(PARSED_TYPES, description="Train the LLaDA + recursive-refinement hybrid.")
-    parser.add_argument("--config", default=None, help="YAML file of flag values; command-line flags override it")
-    parser.set_defaults(**EMBEDDED_PROFILE)  # before --config, whose values override the profile's
+    parser.add_argument("--config", default=None, help="YAML file of flag values; command-line flags override it. "
+                        "It starts from the library defaults, or from the embedded profile with `base: embedded`")
+    embedded = embedded_profile()
+    if profile:
+        parser.set_defaults(**_checked(parser, embedded, "the embedded profile"))
     # HfArgumentParser adds --no_<flag> only where the dataclass default is True; a profile default of True needs it
     # too, or the way to turn the default off would differ from every other boolean's.
     options = parser._option_string_actions
-    for name, value in EMBEDDED_PROFILE.items():
+    for name, value in embedded.items():
         if value is True and f"--no_{name}" not in options:
             parser.add_argument(f"--no_{name}", action="store_false", dest=name,
-                                help=f"turn off --{name} (on by default)")
+                                help=f"turn off --{name} (on in the embedded profile)")
     return parser
 
 
-def _yaml_defaults(parser: HfArgumentParser, path: str) -> dict:
-    file = Path(path)
+def _read_yaml(file: Path, what: str) -> dict:
     if not file.is_file():
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"{what}: no such file")
     try:
         values = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as error:
-        raise UsageError(f"--config {path}: invalid YAML ({error})") from None
+        raise UsageError(f"{what}: invalid YAML ({error})") from None
     if not isinstance(values, dict):
-        raise UsageError(f"--config {path}: expected a mapping of flag names to values")
+        raise UsageError(f"{what}: expected a mapping of flag names to values")
+    return values
+
+
+def _checked(parser: HfArgumentParser, values: dict, what: str) -> dict:
+    """YAML values as parser defaults: every key a flag, and YAML's `1` for a float flag made 1.0 (argparse converts
+    only the strings of the command line, and the hybrid's strict config refuses an int)."""
     actions = {action.dest: action for action in parser._actions}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise UsageError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
-    # argparse converts only the strings of the command line: YAML's `1` for a float flag must become 1.0 here
-    # (the hybrid's strict config refuses an int).
+        raise UsageError(f"{what}: unknown key(s) {', '.join(unknown)}")
     return {key: float(value) if actions[key].type is float and type(value) is int else value
             for key, value in values.items()}
+
+
+def _config_file(path: str) -> tuple[dict, bool]:
+    """A --config file's values, and whether it starts from the embedded profile (`base: embedded`)."""
+    values = _read_yaml(Path(path), f"--config {path}")
+    base = values.pop("base", None)
+    if base not in (None, "embedded"):
+        raise UsageError(f"--config {path}: `base` must be `embedded` (the embedded profile) or absent, got {base!r}")
+    return values, base == "embedded"
 
 
 def parse_arguments(argv: list[str] | None = None, environ=None) -> RunArguments:
     """Parse flags (and the optional YAML config) into validated argument groups. Raises UsageError."""
     import os
 
+    config_path = make_parser().parse_known_args(argv)[0].config
     parser = make_parser()
-    config_path = parser.parse_known_args(argv)[0].config
     if config_path:
-        parser.set_defaults(**_yaml_defaults(parser, config_path))
+        values, on_profile = _config_file(config_path)
+        parser = make_parser(profile=on_profile)
+        parser.set_defaults(**_checked(parser, values, f"--config {config_path}"))
     model, data, train, truncation_args, weighting, _ = parser.parse_args_into_dataclasses(argv)
     flags = {k.removeprefix("truncation_"): v for k, v in vars(truncation_args).items() if v is not None}
     preset = flags.pop("preset", None)
