@@ -19,17 +19,9 @@ import torch
 from llada_trm.cli import EXIT_USAGE, add_decoding_flags, decoding_settings
 from llada_trm.data.layout import extract_answer
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
+from llada_trm.inference.chunk_decoding import format_trace
 from llada_trm.model.loading import resolve_device
 from llada_trm.model.integrity import CheckpointMismatchError
-
-
-def format_trace(trace) -> str:
-    lines = []
-    for entry in trace:
-        confidence = ", ".join(f"{c:.3f}" for c in entry.confidence)
-        round_note = f" round {entry.round}" if entry.round else ""
-        lines.append(f"  chunk {entry.chunk}{round_note}: {entry.steps} steps, confidence [{confidence}]")
-    return "\n".join(lines)
 
 
 def answer_one(model, tokenizer, question: str, args) -> str:

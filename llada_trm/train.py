@@ -13,7 +13,9 @@ from pathlib import Path
 from llada_trm.cli import EXIT_USAGE
 from llada_trm.data.arguments import DataArgumentError
 from llada_trm.data.sources import DataError
-from llada_trm.inference.exact_match import format_fair_table, prompt_ids_of
+from llada_trm.data.layout import extract_answer
+from llada_trm.inference.chunk_decoding import format_trace
+from llada_trm.inference.exact_match import format_fair_table, is_correct, prompt_ids_of
 from llada_trm.inference.frontier import format_frontier_table
 from llada_trm.model.configuration_hybrid import HybridConfigError
 from llada_trm.model.configuration_llada import LLaDAConfigError
@@ -42,7 +44,7 @@ def print_summary(trainer: Trainer, summary: dict) -> None:
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"model: {summary['model']}")
     if trainer.args.model.objective == "hybrid":
-        sample_generation(trainer, summary["model"])
+        sample_generation(trainer)
         print(f"generate: python -m llada_trm.generate --checkpoint {summary['model']} --prompt \"<question>\"")
     if trainer.fair_eval is not None:
         fair = trainer.fair_eval
@@ -64,18 +66,26 @@ def print_decoding_cost(trainer: Trainer) -> None:
     print(format_frontier_table(result))
 
 
-def sample_generation(trainer: Trainer, model_dir: str) -> None:
-    """Decode one held-out question with the trained model, as a user would."""
+def sample_generation(trainer: Trainer) -> None:
+    """Decode the first held-out problem with the trained hybrid as the evaluation does (one round per chunk by
+    default), say whether its answer is right, and show the head at work: steps and confidence per chunk."""
     data = trainer.eval_data or trainer.train_data
     row = data.dataset[0]
     prompt_ids = prompt_ids_of(row)
     model = trainer.accelerator.unwrap_model(trainer.model)
     budget = trainer.fair_eval["max_new_tokens"] if trainer.fair_eval else 256
+    rounds = trainer.args.train.eval_decode_steps_per_chunk
     result = model.generate_with_refinement(prompt_ids, tokenizer=trainer.tokenizer, max_new_tokens=budget,
-                                            decode_steps_per_chunk=trainer.args.train.eval_decode_steps_per_chunk)
-    print("sample prompt:", trainer.tokenizer.decode(prompt_ids, skip_special_tokens=True).strip().replace("\n", " "))
-    print("sample generation:", result.texts[0].strip().replace("\n", " | "))
-    print("reference answer:", row["answer"])
+                                            decode_steps_per_chunk=rounds, return_trace=True)
+    text = result.texts[0].strip()
+    verdict = "right" if is_correct(text, row["answer"]) else "wrong"
+    split = trainer.args.data.eval_split if trainer.eval_data is not None else trainer.args.data.train_split
+    print(f"\nsample: the first {split} problem, decoded by the hybrid ({rounds} round(s) per chunk):")
+    print("  prompt:", trainer.tokenizer.decode(prompt_ids, skip_special_tokens=True).strip().replace("\n", " "))
+    print("  generation:", text.replace("\n", " | "))
+    print(f"  answer: {extract_answer(text) or '(none)'}, reference: {row['answer']} -> {verdict}")
+    print("  refinement (per chunk: steps taken, confidence after each step):")
+    print(format_trace(result.trace[0]))
 
 
 def main(argv: list[str] | None = None) -> int:

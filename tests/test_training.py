@@ -278,3 +278,19 @@ def test_inspect_shows_the_debug_view_without_training(backbone_dir, capsys):
     assert out.count("Masked chunks: [") == 2 and "Chunk 0/" in out
     assert inspect_main(["--checkpoint", str(backbone_dir / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_the_main_command_shows_its_sample_marked_and_traced(tmp_path, capsys):
+    """The summary's sample: the first validation problem, its answer marked right or wrong against the
+    reference, and the hybrid's steps and confidences per chunk."""
+    code = main(["--output_dir", str(tmp_path), "--max_steps", "2", "--num_synthetic_train", "32",
+                 "--num_synthetic_eval", "8", "--eval_max_samples", "2", "--batch_size", "4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    sample = out[out.index("sample: the first validation problem"):]
+    answer_line = next(line for line in sample.splitlines() if line.startswith("  answer: "))
+    assert answer_line.endswith((" -> right", " -> wrong"))
+    trace_lines = [line for line in sample.splitlines() if line.startswith("  chunk ")]
+    assert trace_lines and all(" steps, confidence [" in line for line in trace_lines)
+    steps = [int(line.split(": ")[1].split(" steps")[0]) for line in trace_lines]
+    assert all(1 <= s <= 2 for s in steps)  # the profile's 2 refinement steps, at least 1 (min_recursive_steps)

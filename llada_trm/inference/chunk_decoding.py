@@ -47,6 +47,16 @@ class ChunkTrace:
     confidence: list[float]  # chunk confidence after each step (the backbone's when steps == 0)
 
 
+def format_trace(trace: list[ChunkTrace]) -> str:
+    """One row's trace, a line per chunk and round: refinement steps taken and the confidence after each."""
+    lines = []
+    for entry in trace:
+        confidence = ", ".join(f"{c:.3f}" for c in entry.confidence)
+        round_note = f" round {entry.round}" if entry.round else ""
+        lines.append(f"  chunk {entry.chunk}{round_note}: {entry.steps} steps, confidence [{confidence}]")
+    return "\n".join(lines)
+
+
 @dataclass
 class RefinementOutput:
     sequences: Tensor  # (B, T): left-padded prompt, generated tokens, pad after each row's end
