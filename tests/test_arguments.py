@@ -10,7 +10,6 @@ import yaml
 from llada_trm.data.arguments import DataArgumentError, DataArguments, parse_split
 from llada_trm.env_flags import env_flag, parse_bool
 from llada_trm.model.configuration_hybrid import HybridConfig
-from llada_trm.training import arguments
 from llada_trm.training.arguments import (
     HYBRID_FLAGS, MaskingArguments, TrainArguments, UsageError, embedded_profile, hybrid_config, make_parser,
     parse_arguments,

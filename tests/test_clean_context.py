@@ -96,7 +96,7 @@ def test_flex_block_mask_equals_the_dense_mask(model):
 def test_hybrid_clean_context_scores_each_chunk_against_the_clean_chunks_before_it():
     """With clean_context, every chunk's step logits equal those of the hybrid run on the prompt, the clean
     (ground-truth) chunks before it and that chunk as the collator left it, alone."""
-    from test_hybrid import make_batch, make_hybrid
+    from support import make_batch, make_hybrid
 
     model = make_hybrid(clean_context=True).eval()
     batch = make_batch([5, 3], [3, 2], 4, masked=[[0, 2], [0, 1]])
@@ -121,7 +121,7 @@ def test_hybrid_clean_context_scores_each_chunk_against_the_clean_chunks_before_
 def test_hybrid_copies_only_masked_chunks_and_scores_as_if_every_chunk_were_copied(monkeypatch, draft_feedback):
     """The noisy copy holds only the chunks with a mask token (unmasked ones are scored in the clean sequence),
     and every output equals the layout that copies every chunk and scores all of them on the copy."""
-    from test_hybrid import make_batch, make_hybrid
+    from support import make_batch, make_hybrid
 
     from llada_trm.model import hybrid as hybrid_module
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_hybrid import make_batch, make_hybrid
+from support import make_batch, make_hybrid
 
 from llada_trm.training.debug_view import format_chunk_inspection
 

@@ -5,8 +5,8 @@ effect on the output, for decoding (cache, training equality) and for a checkpoi
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hybrid import make_batch, make_hybrid
-from test_refinement_decoding import CHUNK, MASK, PROMPTS, tiny_hybrid
+from support import make_batch, make_hybrid
+from support import CHUNK, MASK, PROMPTS, tiny_hybrid
 
 from llada_trm.inference.chunk_decoding import generate_with_refinement
 from llada_trm.model.head import RefinementState

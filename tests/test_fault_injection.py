@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import assert_same_losses, losses, run_args
 
 from llada_trm import LLaDAModelLM, LLaDATRMHybrid
 from llada_trm.generate import main as generate_main
@@ -48,26 +49,6 @@ def replace_with_directory(path: Path) -> None:
 
 
 FAULTS = {"truncate": truncate, "corrupt_header": corrupt_header, "delete": delete, "directory": replace_with_directory}
-
-
-def run_args(backbone_dir, output_dir, *extra):
-    return [
-        "--model_name_or_path", str(backbone_dir), "--output_dir", str(output_dir),
-        "--num_synthetic_train", "24", "--num_synthetic_eval", "8", "--batch_size", "4", "--eval_split", "none",
-        "--max_recursive_steps", "2", "--min_recursive_steps", "1", "--head_hidden_size", "32",
-        "--eval_max_samples", "0", "--logging_steps", "1", "--max_length", "192", "--learning_rate", "0.01",
-        "--save_steps", "1", "--save_total_limit", "3", *extra,
-    ]
-
-
-def assert_same_losses(actual: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
-    assert [step for step, _ in actual] == [step for step, _ in expected]
-    assert [loss for _, loss in actual] == pytest.approx([loss for _, loss in expected], rel=1e-6)
-
-
-def losses(output_dir) -> list[tuple[int, float]]:
-    records = map(json.loads, (Path(output_dir) / "metrics.jsonl").read_text().splitlines())
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
 def one_error_line(err: str, *fragments: str) -> None:

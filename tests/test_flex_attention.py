@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import make_config
-from test_hybrid import make_batch
+from support import make_batch
 
 from llada_trm import LLaDAModelLM
 from llada_trm.model import flex_attention as flex

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-from test_generation_llada import MASK, random_prompt, tiny_model
-from test_refinement_decoding import PROMPTS, tiny_hybrid
+from support import MASK, random_prompt, tiny_model
+from support import PROMPTS, tiny_hybrid
 
 from llada_trm.data.dataset import DataArguments, prepare_dataset
 from llada_trm.inference.chunk_decoding import generate_with_refinement

@@ -8,30 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_config
+from support import MASK, random_prompt, tiny_model
 
-from llada_trm import LLaDAModelLM
 from llada_trm.inference.sampler import generate, gumbel_argmax, transfer_schedule
-
-MASK = 2  # mask_token_id of make_config
-
-
-def tiny_model(seed: int = 0, std: float = 0.3, max_sequence_length: int = 64) -> LLaDAModelLM:
-    """A random backbone whose predictions depend on context. The default 0.02 init gives near-uniform
-    logits with the same argmax everywhere, which would make most of these tests vacuous."""
-    torch.manual_seed(seed)
-    model = LLaDAModelLM(make_config(max_sequence_length=max_sequence_length)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "wte" in name else std))
-    return model
-
-
-def random_prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    """Token ids 3..63: no bos/eos/mask id."""
-    return torch.randint(3, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
-
 
 def official_reference(model, prompt, steps, gen_length, block_length, cfg_scale=0.0, temperature=0.0,
                        remasking="low_confidence", generator=None, mask_id=MASK):

@@ -3,52 +3,12 @@
 import pytest
 import torch
 from conftest import make_config
+from support import make_batch, make_hybrid
 
 from llada_trm import LLaDAModelLM
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.losses import chunk_token_weights, deep_supervision_loss
-
-PAD = 1
-
-
-def make_hybrid(chunk_size=4, steps=3, seed=0, **overrides) -> LLaDATRMHybrid:
-    torch.manual_seed(seed)
-    backbone = LLaDAModelLM(make_config())
-    config = HybridConfig(
-        chunk_size=chunk_size, max_recursive_steps=steps, min_recursive_steps=1, head_hidden_size=16, head_heads=2,
-        **overrides,
-    )
-    model = LLaDATRMHybrid(config, backbone=backbone)
-    # A trained-looking head: out_proj starts at zero, which would hide every head computation from the logits.
-    torch.nn.init.normal_(model.head.out_proj.weight, std=0.3)
-    return model
-
-
-def make_batch(prompt_lengths, chunk_counts, chunk_size, masked, seed=0):
-    """Left-padded prompts on a chunk boundary, reasoning chunks, right padding with whole pad chunks."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for prompt_length, chunks in zip(prompt_lengths, chunk_counts):
-        padded_prompt = -(-prompt_length // chunk_size) * chunk_size
-        pad = padded_prompt - prompt_length
-        ids = [PAD] * pad + torch.randint(3, 64, (prompt_length + chunks * chunk_size,), generator=g).tolist()
-        chunk_index = [-1] * padded_prompt + [k for k in range(chunks) for _ in range(chunk_size)]
-        attention = [0] * pad + [1] * (len(ids) - pad)
-        rows.append((ids, chunk_index, attention))
-    length = max(len(r[0]) for r in rows)
-    ids = torch.tensor([r[0] + [PAD] * (length - len(r[0])) for r in rows])
-    chunk_index = torch.tensor([r[1] + [-1] * (length - len(r[1])) for r in rows])
-    attention = torch.tensor([r[2] + [0] * (length - len(r[2])) for r in rows])
-    labels = torch.where(chunk_index >= 0, ids, torch.full_like(ids, -100))
-    chunk_is_masked = torch.zeros(len(rows), max(chunk_counts), dtype=torch.bool)
-    for b, chunks in enumerate(masked):
-        chunk_is_masked[b, chunks] = True
-    is_masked_position = torch.gather(chunk_is_masked, 1, chunk_index.clamp(min=0)) & (chunk_index >= 0)
-    ids = torch.where(is_masked_position, torch.full_like(ids, 2), ids)
-    return dict(input_ids=ids, attention_mask=attention, chunk_index=chunk_index, labels=labels,
-                chunk_is_masked=chunk_is_masked)
-
 
 def naive_per_chunk_losses(model, batch):
     """For each sample and chunk i, run backbone and head on [prompt, chunks 0..i] alone; keep chunk i's losses."""

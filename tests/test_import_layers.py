@@ -142,3 +142,14 @@ def test_each_program_lives_at_the_package_top_and_forwards_nowhere(path):
 def test_the_programs_are_the_documented_ones():
     assert {p.stem for p in PROGRAMS} == {"ablate", "compare", "distill", "evaluate", "frontier", "generate",
                                           "grad_trace", "inspect", "pretrain", "synthetic", "train"}
+
+
+def test_test_modules_import_shared_helpers_from_support_not_from_each_other():
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.name} imports {name}" for name in names if name.startswith("test_")]
+    assert not offenders, "; ".join(offenders) + " (shared helpers belong in tests/support.py)"

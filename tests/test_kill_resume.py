@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fault_injection import assert_same_losses, losses
-from test_fault_injection import run_args as fault_run_args
+from support import assert_same_losses, losses
+from support import run_args as fault_run_args
 
 from llada_trm import LLaDATRMHybrid
 from llada_trm.train import main as train_main

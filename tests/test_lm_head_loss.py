@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_hybrid import make_batch, make_hybrid
+from support import make_batch, make_hybrid
 
 from llada_trm.model.lm_head_loss import lm_head_scores, rows_per_chunk
 from llada_trm.training.objectives import HybridObjective

@@ -3,8 +3,8 @@ keywords, one prompt encoder, one masked-chunk rule, and the inference loader ou
 
 import pytest
 import torch
-from test_hybrid import make_batch, make_hybrid
-from test_refinement_decoding import PROMPTS, tiny_hybrid
+from support import make_batch, make_hybrid
+from support import PROMPTS, tiny_hybrid
 
 from llada_trm.data.collator import positions_in_masked_chunks
 from llada_trm.data.layout import encode_prompt, render_prompt, text_ids, with_bos

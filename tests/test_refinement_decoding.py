@@ -3,35 +3,12 @@ is what the training forward predicts for it, adaptive steps, stopping, length l
 
 import pytest
 import torch
-from conftest import make_config, shipped_vocab_size
+from conftest import shipped_vocab_size
+from support import CHUNK, EOS, MASK, PROMPTS, tiny_hybrid
 
-from llada_trm import LLaDAModelLM
 from llada_trm.data.layout import ANSWER_CLOSE
 from llada_trm.inference.chunk_decoding import generate_with_refinement, stop_length
-from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
-
-CHUNK, MASK, EOS = 4, 2, 1
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [20, 21]]  # padded widths 8, 12, 4
-
-
-def tiny_hybrid(steps=3, min_steps=1, vocab=64, max_sequence_length=64, seed=0, **overrides) -> LLaDATRMHybrid:
-    """A random hybrid whose tokens depend on context and on the head. The default 0.02 init gives near-uniform
-    logits with one argmax everywhere (vacuous comparisons), and a zero out_proj would hide the head."""
-    torch.manual_seed(seed)
-    backbone_config = make_config(vocab_size=vocab, embedding_size=vocab, max_sequence_length=max_sequence_length)
-    backbone = LLaDAModelLM(backbone_config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in backbone.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "wte" in name else 0.3))
-    config = HybridConfig(chunk_size=CHUNK, max_recursive_steps=steps, min_recursive_steps=min_steps,
-                          head_hidden_size=16, head_heads=2, **overrides)
-    model = LLaDATRMHybrid(config, backbone=backbone).eval()
-    torch.nn.init.normal_(model.head.out_proj.weight, std=0.3, generator=g)
-    return model
-
 
 def force_token(model: LLaDATRMHybrid, token_id: int) -> LLaDATRMHybrid:
     """Give the LM head a bias that makes `token_id` win at every position, whatever the hidden state."""

@@ -209,19 +209,12 @@ def _parse_overrides(overrides: Mapping | None) -> dict:
 
 # --- presets: the strategy ladder (docs/architecture.md §10) ----------------------------------------------------------
 
+# The strategy variables are every field but the logging ones; a preset starts from their dataclass defaults (the
+# one place they are stated), with truncation on.
 _STRATEGY_DEFAULTS = {
-    "TRUNCATION_ENABLE": "true",
-    "TRUNCATION_THRESHOLD_MODE": "absolute",
-    "TRUNCATION_THRESHOLD": "2.0",
-    "TRUNCATION_RATIO": "0.1",
-    "TRUNCATION_RATIO_SCOPE": "batch",
-    "TRUNCATION_MASK_MODE": "after_first_high",
-    "TRUNCATION_INCLUDE_TRIGGER": "true",
-    "TRUNCATION_MIN_PREFIX_TOKENS": "0",
-    "TRUNCATION_MAX_MASK_RATIO": "1.0",
-    "TRUNCATION_MIN_HIGH_RUN": "1",
-    "TRUNCATION_RANDOM_RATIO": "0.1",
-}
+    env_name(f.name): _format(f.default) for f in dataclasses.fields(TruncationConfig)
+    if not f.name.startswith("log_") and f.name != "debug"
+} | {"TRUNCATION_ENABLE": "true"}
 _A2_PROTECTIONS = {
     "TRUNCATION_MIN_PREFIX_TOKENS": "32",
     "TRUNCATION_MAX_MASK_RATIO": "0.5",
