@@ -24,6 +24,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser, PreTrainedConfig
 
 from llada_trm.data.arguments import DataArguments
+from llada_trm.data.sources import read_utf8_text
 from llada_trm.model.configuration_hybrid import HybridConfig, HybridConfigError
 from llada_trm.training.truncation import TruncationConfig
 from llada_trm.training.weighting import WeightingConfig
@@ -209,7 +210,7 @@ def _yaml_defaults(parser: HfArgumentParser, path: str) -> dict:
     if not file.is_file():
         raise UsageError(f"--config {path}: no such file")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = yaml.safe_load(read_utf8_text(file)) or {}  # not UTF-8: one line naming file and byte
     except yaml.YAMLError as error:
         raise UsageError(f"--config {path}: invalid YAML ({error})") from None
     if not isinstance(values, dict):
