@@ -12,7 +12,7 @@ Notable choices:
   of data/records.py, which turns one record into token ids), is counted or raised per `--bad_sample_policy`,
   and one summary reports the counts;
 - tokenisation is one `datasets.map(batched=True)` per split, cached by datasets' fingerprinting for
-  file-backed sources (Hub, parquet, csv).
+  file-backed sources (Hub, parquet).
 """
 
 from __future__ import annotations
