@@ -12,12 +12,14 @@ on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import torch
 
 from llada_trm.cli import EXIT_USAGE, add_decoding_flags, decoding_settings
 from llada_trm.data.layout import extract_answer
+from llada_trm.data.sources import read_utf8_lines
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
 from llada_trm.inference.chunk_decoding import format_trace
 from llada_trm.model.loading import resolve_device
@@ -38,15 +40,25 @@ def answer_one(model, tokenizer, question: str, args) -> str:
 
 
 def chat(model, tokenizer, args) -> None:
+    """Questions from stdin, read as UTF-8 whatever the locale; a line that is not UTF-8 is skipped with a line
+    on stderr naming it (the data's default bad-sample policy), and the rest are answered."""
     interactive = sys.stdin.isatty()
+    stdin = getattr(sys.stdin, "buffer", None) or io.BytesIO(sys.stdin.read().encode("utf-8"))
+    lines, skipped = read_utf8_lines(stdin, "stdin"), 0
     while True:
         if interactive:
             print("question> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or not line.strip():
-            return
-        print(answer_one(model, tokenizer, line.strip(), args), flush=True)
+        line = next(lines, None)
+        if line is not None and line.bad_offset is not None:
+            skipped += 1
+            print(f"skipped {line.problem(f'stdin line {line.number}')}; questions must be UTF-8", file=sys.stderr)
+            continue
+        if line is None or not line.text.strip():
+            break
+        print(answer_one(model, tokenizer, line.text.strip(), args), flush=True)
         print()
+    if skipped:
+        print(f"{skipped} stdin line(s) skipped: not UTF-8 text", file=sys.stderr)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ Notable choices:
   of data/records.py, which turns one record into token ids), is counted or raised per `--bad_sample_policy`,
   and one summary reports the counts;
 - tokenisation is one `datasets.map(batched=True)` per split, cached by datasets' fingerprinting for
-  file-backed sources (Hub, parquet, csv).
+  file-backed sources (Hub, parquet).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from llada_trm.data.arguments import DataArgumentError, DataArguments
-from llada_trm.data.records import BAD_KIND_HINTS, BadSample, Recipe, decode_json_row, parse_record
+from llada_trm.data.records import BAD_KIND_HINTS, BadSample, Recipe, parse_record, raw_record
 from llada_trm.data.sources import DataError, load_records
 
 def layout_sample(prompt_ids: list[int], reasoning_ids: list[int], *, chunk_size: int, max_length: int,
@@ -82,7 +82,7 @@ def prepare_batch(batch: dict[str, list], indices: list[int], recipe: Recipe, to
         row = {key: values[position] for key, values in batch.items()}
         source = row.get("__source__") or f"row {index}"
         try:
-            record = decode_json_row(row, source) if "__json__" in row else row
+            record = raw_record(row, source)
             parsed = parse_record(record, recipe, tokenizer, source)
             sample = layout_sample(parsed.prompt_ids, parsed.reasoning_ids, chunk_size=recipe.chunk_size,
                                    max_length=recipe.max_length, pad_token_id=pad_id,

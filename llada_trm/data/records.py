@@ -17,11 +17,14 @@ from llada_trm.data.layout import MARKER, encode_prompt, extract_answer, render_
 
 
 BAD_KINDS = (
-    "malformed_json", "missing_field", "empty_reasoning", "no_marker", "no_assistant_span", "prompt_too_long",
-    "invalid_tokens",
+    "bad_encoding", "malformed_json", "malformed_csv", "missing_field", "empty_reasoning", "no_marker",
+    "no_assistant_span", "prompt_too_long", "invalid_tokens",
 )
 BAD_KIND_HINTS = {
+    "bad_encoding": "the file must be UTF-8: save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8 OLD > NEW), or remove "
+    "the line named in the message",
     "malformed_json": "fix or remove the line named in the message",
+    "malformed_csv": "quote the cells that hold the delimiter (\"a, b\"), or fix the line named in the message",
     "missing_field": "map your columns with --question_field/--reasoning_field/--answer_field/--text_field/"
     "--messages_field, or use a --dataset_name alias (gsm8k, natural_reasoning) with --dataset_path",
     "empty_reasoning": "drop records whose reasoning is empty; there is nothing to supervise",
@@ -193,6 +196,14 @@ def parse_record(record: dict, recipe: Recipe, tokenizer, source: str) -> Parsed
         raise BadSample("invalid_tokens", f"{source}: contains the mask token {tokenizer.mask_token!r}; a "
                                           f"ground-truth mask token cannot be told from a masked position")
     return parsed
+
+
+def raw_record(row: dict, source: str) -> dict:
+    """The record of a loaded row: a row its file reader could not read (data/sources.py marks it, e.g. a line
+    that is not UTF-8) raises its BadSample here, under the same policy as every other; a JSON text is decoded."""
+    if row.get("__bad_kind__"):
+        raise BadSample(row["__bad_kind__"], row["__bad_message__"])
+    return decode_json_row(row, source) if "__json__" in row else row
 
 
 def decode_json_row(row: dict, source: str) -> dict:

@@ -1,15 +1,22 @@
 """Where reasoning records come from: the synthetic set, local files, or the Hub (with an offline check).
 
-Local JSON and JSON-lines files are read line by line here, not by `datasets`, so that a malformed line
-becomes one bad sample that names its file and line instead of an exception for the whole file. A split may
-be sliced (`train[:95%]`, `train[-200:]`) for every source.
+Local JSON, JSON-lines and CSV files are read here, not by `datasets`, so that a malformed line or a line
+that is not UTF-8 becomes one bad sample that names its file, line and byte offset instead of an exception
+for the whole file. Text is decoded as UTF-8 one line at a time (`read_utf8_lines`; a UTF-8 byte-order mark
+at the start of a file is skipped), the one reader of user text files: `generate --chat` and `--config` use
+it too. A split may be sliced (`train[:95%]`, `train[-200:]`) for every source.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import json
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import datasets
 
@@ -24,6 +31,71 @@ SPLIT_WORDS = {"train": {"train"}, "validation": {"validation", "valid", "val", 
 
 class DataError(ValueError):
     """The data cannot be trained on as configured; the message says why and what to change."""
+
+
+# ------------------------------------------------------------------------------------- UTF-8 text, line by line
+
+REENCODE_HINT = "save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8 OLD > NEW)"
+OTHER_UNICODE_BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32",  # UTF-32 LE starts as UTF-16 LE
+                      codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}
+
+
+class TextEncodingError(DataError):
+    """A whole text file (or stream) that cannot be read as UTF-8: names it, the byte offset and the encoding."""
+
+
+@dataclass(frozen=True)
+class TextLine:
+    """One line of a user text file: its text, or where it stops being UTF-8."""
+
+    number: int  # 1-based
+    text: str  # the line with its line end; undecodable bytes shown as U+FFFD where `bad_offset` is set
+    bad_offset: int | None = None  # byte offset in the file of the first byte that is not UTF-8
+    bad_byte: int | None = None
+
+    def problem(self, source: str) -> str:
+        """`source: not UTF-8 text: byte 0x.. at byte offset N`, for a line with `bad_offset` set."""
+        return f"{source}: not UTF-8 text: byte 0x{self.bad_byte:02x} at byte offset {self.bad_offset}"
+
+
+def _check_not_other_unicode(head: bytes, name: str) -> None:
+    for bom, encoding in OTHER_UNICODE_BOMS.items():
+        if head.startswith(bom):
+            raise TextEncodingError(f"{name}: starts with a {encoding} byte-order mark (byte offset 0): the text is "
+                                    f"{encoding}, expected UTF-8; {REENCODE_HINT.replace('cp1252', encoding)}")
+
+
+def read_utf8_lines(stream: BinaryIO, name: str) -> Iterator[TextLine]:
+    """The lines of a binary stream (ending at b"\\n"), each decoded as UTF-8 on its own.
+
+    A UTF-8 byte-order mark is skipped at the start only (`utf-8-sig` semantics); a UTF-16/32 one is a
+    TextEncodingError. A line that is not UTF-8 is yielded with its first bad byte's offset, so the caller
+    applies its bad-data policy to that line alone (no UTF-8 sequence holds a newline byte, so lines decode
+    apart exactly).
+    """
+    offset = 0
+    for number, raw in enumerate(iter(stream.readline, b""), start=1):
+        start = 0
+        if number == 1:
+            _check_not_other_unicode(raw, name)
+            start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+        try:
+            yield TextLine(number, raw[start:].decode("utf-8"))
+        except UnicodeDecodeError as error:
+            bad = start + error.start
+            yield TextLine(number, raw[start:].decode("utf-8", errors="replace"), offset + bad, raw[bad])
+        offset += len(raw)
+
+
+def read_utf8_text(path: str | Path) -> str:
+    """A whole user text file (a config, a JSON document) as UTF-8, BOM skipped; else one TextEncodingError."""
+    with open(path, "rb") as stream:
+        lines = list(read_utf8_lines(stream, str(path)))
+    bad = next((line for line in lines if line.bad_offset is not None), None)
+    if bad is not None:
+        raise TextEncodingError(f"{bad.problem(str(path))} (line {bad.number}); the file must be UTF-8: "
+                                f"{REENCODE_HINT}")
+    return "".join(line.text for line in lines)
 
 
 def load_records(args: DataArguments, split: str) -> tuple[datasets.Dataset, str | None]:
@@ -106,8 +178,9 @@ def _load_local(path: str, split: str, cache_dir: str | None) -> datasets.Datase
         raise DataError(f"{path}: mixes {sorted(formats)} files; keep one format per directory")
     files = _files_of_split(root, files, split)
     if formats == {"json"}:
-        texts, sources = _read_json_files(files)
-        return datasets.Dataset.from_dict({"__json__": texts, "__source__": sources})
+        return _dataset_of([row for file in files for row in _json_rows(file)])
+    if formats == {"csv"}:
+        return _dataset_of([row for file in files for row in _csv_rows(file)])
     data_files = [str(f) for f in files]
     return datasets.load_dataset(formats.pop(), data_files=data_files, split="train", cache_dir=cache_dir)
 
@@ -138,24 +211,86 @@ def _files_of_split(root: Path, files: list[Path], split: str) -> list[Path]:
     return chosen
 
 
-def _read_json_files(files: list[Path]) -> tuple[list[str], list[str]]:
-    """Raw JSON texts with their 'file:line' source; parsed later so a malformed line is one bad sample."""
-    texts, sources = [], []
-    for file in files:
-        content = file.read_text(encoding="utf-8")
-        if file.suffix == ".json" and content.lstrip()[:1] in ("[", "{"):
-            try:
-                loaded = json.loads(content)
-            except json.JSONDecodeError as error:  # one broken document: the whole file is one bad sample
-                texts.append(content)
-                sources.append(f"{file}:{error.lineno}")
-                continue
-            items = loaded if isinstance(loaded, list) else [loaded]
-            texts.extend(json.dumps(item) for item in items)
-            sources.extend(f"{file}[{i}]" for i in range(len(items)))
-            continue
-        for lineno, line in enumerate(content.splitlines(), start=1):
-            if line.strip():
-                texts.append(line)
-                sources.append(f"{file}:{lineno}")
-    return texts, sources
+# Rows of the local text formats. Besides the record they carry `__source__` ('file:line', or 'file[i]' for an
+# item of a JSON array) and, for a row the reader could not read, `__bad_kind__`/`__bad_message__`: the bad-data
+# policy is applied to it with the others when records are parsed (data/records.py, `raw_record`).
+
+def _unreadable(kind: str, message: str) -> dict:
+    return {"__bad_kind__": kind, "__bad_message__": message}
+
+
+_READABLE = {"__bad_kind__": "", "__bad_message__": ""}
+
+
+def _dataset_of(rows: list[dict]) -> datasets.Dataset:
+    """Rows as a Dataset with the union of their columns (files of one directory may differ in columns)."""
+    columns = dict.fromkeys(key for row in rows for key in row)
+    return datasets.Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns})
+
+
+def _json_rows(file: Path) -> Iterator[dict]:
+    """A JSON document's items, or a JSON-lines file's lines, as raw texts parsed later (one bad line, one bad
+    sample). A document that is not UTF-8 cannot be cut into records: it is a TextEncodingError."""
+    if file.suffix == ".json" and file.read_bytes().removeprefix(codecs.BOM_UTF8).lstrip()[:1] in (b"[", b"{"):
+        content = read_utf8_text(file)
+        try:
+            loaded = json.loads(content)
+        except json.JSONDecodeError as error:  # one broken document: the whole file is one bad sample
+            yield {"__json__": content, "__source__": f"{file}:{error.lineno}", **_READABLE}
+            return
+        for i, item in enumerate(loaded if isinstance(loaded, list) else [loaded]):
+            yield {"__json__": json.dumps(item), "__source__": f"{file}[{i}]", **_READABLE}
+        return
+    with open(file, "rb") as stream:
+        for line in read_utf8_lines(stream, str(file)):
+            source = f"{file}:{line.number}"
+            if line.bad_offset is not None:
+                yield {"__json__": "", "__source__": source, **_unreadable("bad_encoding", line.problem(source))}
+            elif line.text.strip():
+                yield {"__json__": line.text, "__source__": source, **_READABLE}
+
+
+def _csv_rows(file: Path) -> Iterator[dict]:
+    """The records of a CSV file with a header line, cells kept as the text written ('' is a missing value).
+
+    Read with Python's csv module rather than pandas: a row can then be named by its line, a line that is not
+    UTF-8 skips only its own row, and a cell such as `7` or `3.50` stays that text (pandas turns an answer
+    column with one empty cell into floats: `7.0`). Lines that are not UTF-8 are parsed with U+FFFD in place of
+    the bad bytes (ASCII quotes and commas are never part of a multi-byte sequence, so the row structure holds),
+    then the rows they touch are marked `bad_encoding`.
+    """
+    bad_lines: dict[int, str] = {}
+
+    def texts(stream) -> Iterator[str]:
+        for line in read_utf8_lines(stream, str(file)):
+            if line.bad_offset is not None:
+                bad_lines[line.number] = line.problem(f"{file}:{line.number}")
+            yield line.text
+
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # the default 128 KiB is short for a reasoning
+    with open(file, "rb") as stream:
+        reader = csv.reader(texts(stream))
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            if bad_lines:
+                raise TextEncodingError(f"{bad_lines[min(bad_lines)]}: the header line names the columns, so the "
+                                        f"file cannot be read; it must be UTF-8: {REENCODE_HINT}")
+            first_line = reader.line_num + 1
+            for cells in reader:
+                lines = range(first_line, reader.line_num + 1)
+                source, first_line = f"{file}:{lines[0]}", reader.line_num + 1
+                if not cells:
+                    continue  # a blank line
+                row = dict(zip(header, (cell if cell != "" else None for cell in cells)))
+                row.update(dict.fromkeys(header[len(cells):]), __source__=source, **_READABLE)
+                bad = next((bad_lines[n] for n in lines if n in bad_lines), None)
+                if bad is not None:
+                    row.update(_unreadable("bad_encoding", bad))
+                elif len(cells) > len(header):
+                    row.update(_unreadable("malformed_csv", f"{source}: {len(cells)} fields, the header names "
+                                                            f"{len(header)}"))
+                yield row
+        except csv.Error as error:
+            raise DataError(f"{file}:{reader.line_num}: not readable as CSV ({error})") from None

@@ -25,6 +25,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser, PreTrainedConfig
 
 from llada_trm.data.arguments import DataArguments
+from llada_trm.data.sources import read_utf8_text
 from llada_trm.embedded.assets import EMBEDDED_PROFILE_FILE
 from llada_trm.model.configuration_hybrid import HybridConfig, HybridConfigError
 from llada_trm.training.truncation import TruncationConfig
@@ -198,7 +199,7 @@ def _read_yaml(file: Path, what: str) -> dict:
     if not file.is_file():
         raise UsageError(f"{what}: no such file")
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = yaml.safe_load(read_utf8_text(file)) or {}  # not UTF-8: one line naming file and byte
     except yaml.YAMLError as error:
         raise UsageError(f"{what}: invalid YAML ({error})") from None
     if not isinstance(values, dict):
