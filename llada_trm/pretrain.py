@@ -210,8 +210,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR,
                         help="run directory: the stages' runs, and the backbone in its model/ (never the shipped one)")
     parser.add_argument("--update_shipped_asset", action="store_true",
-                        help=f"also replace the shipped backbone ({TINY_LLADA_PATH.relative_to(ASSETS_DIR.parent)}) "
-                             "with the rebuilt one; every command that defaults to tiny-llada then uses it")
+                        help="also replace the shipped backbone (llada_trm/embedded/assets/tiny-llada) with the "
+                             "rebuilt one; every command that defaults to tiny-llada then uses it")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="remove an earlier rebuild's init/, stage runs and model/ from --output_dir first")
     parser.add_argument("--num_train", type=int, default=20000)
@@ -277,25 +277,28 @@ def stage_arguments(args, name: str, model_dir: Path, steps: int, learning_rate:
     return parse_arguments(flags, environ={})
 
 
-def run_stage(args, name: str, model_dir: Path, tokenizer, steps: int, learning_rate: float) -> Path:
-    """Train stage `name` from the backbone in `model_dir` with the training loop; returns the trained backbone's
-    directory (the stage run's exported model/)."""
+def stage_data(args, name: str, tokenizer) -> tuple[datasets.Dataset, object, object]:
+    """The training rows, the objective (training/objectives.py) and the collator (None: the trainer's padding)
+    of stage `name`."""
     mask_id = tokenizer.mask_token_id
     if name == "block":
         layout = prepare_dataset(DataArguments(num_synthetic_train=args.num_train), tokenizer, CHUNK_SIZE, "train")
-        rows, objective = layout.dataset, BlockStageObjective(mask_id)
-        collator = BlockStageCollator(tokenizer.eos_token_id, args.max_response, args.seed)
-    else:
-        records = generate_split("train", args.num_train, seed=args.seed)
-        ids, _, is_response = encode_documents(tokenizer, records, args.seq_len)
-        if name == "pretrain":
-            not_bos = torch.ones_like(ids, dtype=torch.bool)
-            not_bos[:, 0] = False
-            rows, objective = document_rows(ids, not_bos), LLaDAPretrainObjective(mask_id)
-        else:
-            rows, objective = document_rows(ids, is_response), LLaDASFTObjective(mask_id)
-        collator = None  # the trainer pads (the documents already have one length)
-        print(f"{name}: {len(ids)} training documents of {len(records)}")
+        return (layout.dataset, BlockStageObjective(mask_id),
+                BlockStageCollator(tokenizer.eos_token_id, args.max_response, args.seed))
+    records = generate_split("train", args.num_train, seed=args.seed)
+    ids, _, is_response = encode_documents(tokenizer, records, args.seq_len)
+    print(f"{name}: {len(ids)} training documents of {len(records)}")
+    if name == "instruct":
+        return document_rows(ids, is_response), LLaDASFTObjective(mask_id), None
+    not_bos = torch.ones_like(ids, dtype=torch.bool)
+    not_bos[:, 0] = False
+    return document_rows(ids, not_bos), LLaDAPretrainObjective(mask_id), None
+
+
+def run_stage(args, name: str, model_dir: Path, tokenizer, steps: int, learning_rate: float) -> Path:
+    """Train stage `name` from the backbone in `model_dir` with the training loop; returns the trained backbone's
+    directory (the stage run's exported model/)."""
+    rows, objective, collator = stage_data(args, name, tokenizer)
     trainer = Trainer(stage_arguments(args, name, model_dir, steps, learning_rate), train_dataset=rows,
                       objective=objective, collator=collator)
     return Path(trainer.train()["model"])
@@ -346,8 +349,9 @@ def save_backbone(model, tokenizer, target: Path, report: dict | None = None) ->
     return target
 
 
-def install_shipped_asset(model_dir: Path, asset_dir: Path = TINY_LLADA_PATH) -> Path:
+def install_shipped_asset(model_dir: Path, asset_dir: Path | None = None) -> Path:
     """--update_shipped_asset: copy the rebuilt backbone (manifest included) over the shipped one."""
+    asset_dir = TINY_LLADA_PATH if asset_dir is None else asset_dir
     staging = asset_dir.with_name(f".tmp-{asset_dir.name}")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(model_dir, staging)
