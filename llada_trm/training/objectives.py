@@ -4,6 +4,8 @@
   Its normaliser N = sum tau c needs the forward pass when truncation is on; `pre_count` (sum c, known from
   the batch alone) lets the trainer scale the loss before backward, and corrects by pre/post afterwards.
 - `LLaDASFTObjective`: plain LLaDA SFT of the backbone alone (docs/architecture.md §7), the comparison baseline.
+- `LLaDAPretrainObjective`: LLaDA pretraining (every supervised token masked at one rate per sequence, normalised
+  by B x L): the first stage of `python -m llada_trm.pretrain`.
 - `BlockSFTObjective`: the same loss, block-causal with clean context: each reasoning chunk masked at its own rate
   and predicted against the clean chunks before it (block diffusion). It adapts a backbone to the attention the
   hybrid and the chunk decoder run it in.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llada_trm.training.diffusion import clean_context_inputs, forward_mask, llada_sft_loss
+from llada_trm.training.diffusion import clean_context_inputs, forward_mask, llada_pretrain_loss, llada_sft_loss
 from llada_trm.training.lora_reference import reference_label_prob
 from llada_trm.model.hybrid import HybridMetrics
 from llada_trm.model.losses import chunk_token_weights, hybrid_loss
@@ -101,6 +103,27 @@ class LLaDASFTObjective:
         count = self.pre_count(batch)
         loss_sum = per_sequence_mean * count
         return MicroBatchResult(loss_sum, count, SFTMetrics(per_sequence_mean.detach(), is_masked.sum().float()))
+
+
+class LLaDAPretrainObjective(LLaDASFTObjective):
+    """LLaDA pretraining: the supervised tokens (labels != -100: every token but BOS for a document) masked at one
+    random rate per sequence; sum of CE / p_mask over masked tokens divided by B x L, every position counted (the
+    normaliser is known from the batch's shape, so micro-batches and ranks combine as one batch of documents)."""
+
+    @staticmethod
+    def pre_count(batch: dict) -> Tensor:
+        return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
+
+    def __call__(self, model, batch: dict, generator: torch.Generator | None, token_filters: bool = True
+                 ) -> MicroBatchResult:
+        eligible = batch["labels"] != -100
+        targets = batch["labels"].where(eligible, batch["input_ids"])
+        noisy, is_masked, p_mask = forward_mask(targets, eligible, self.mask_token_id, generator)
+        logits = model(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
+        per_position_mean = llada_pretrain_loss(logits, targets, is_masked, p_mask)
+        count = self.pre_count(batch)
+        return MicroBatchResult(per_position_mean * count, count,
+                                {"loss": float(per_position_mean.detach()), "masked_tokens": float(is_masked.sum())})
 
 
 class BlockSFTObjective(LLaDASFTObjective):

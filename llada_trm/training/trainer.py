@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from llada_trm.data.collator import ChunkMaskingCollator, micro_batch_generator, pad_batch
-from llada_trm.data.dataset import prepare_dataset
+from llada_trm.data.dataset import PreparedData, prepare_dataset
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.loading import load_tokenizer
 from llada_trm.model.modeling_llada import LLaDAModelLM
@@ -106,7 +106,10 @@ def make_accelerator(args: RunArguments) -> Accelerator:
 
 
 class Trainer:
-    def __init__(self, args: RunArguments):
+    def __init__(self, args: RunArguments, train_dataset=None, objective=None, collator=None):
+        """`train_dataset` (prepared rows), `objective` and `collator` (default: pad only): a program's own stage
+        in place of the data and objective the arguments describe (llada_trm.pretrain builds its backbone with
+        them); given rows have no held-out split."""
         self.args = args
         m, t = args.model, args.train
         self.accelerator = acc = make_accelerator(args)
@@ -116,9 +119,16 @@ class Trainer:
         precheck_run_directory(t.output_dir, t.resume_from_checkpoint, t.overwrite_output_dir, acc.is_main_process)
         self._refuse_changed_architecture()
         self.tokenizer = load_tokenizer(m.model_name_or_path)
-        self.train_data, self.eval_data = self._prepare_data()
+        if train_dataset is None:
+            self.train_data, self.eval_data = self._prepare_data()
+        else:
+            self.train_data, self.eval_data = PreparedData(train_dataset, summary=None), None
         self.model = build_model(args)
-        self.objective, self.collator, eval_collator = self._objective_and_collators()
+        if objective is None:
+            self.objective, self.collator, eval_collator = self._objective_and_collators()
+        else:
+            self.objective = objective
+            self.collator = eval_collator = collator or _PadOnly(self.tokenizer.pad_token_id, m.chunk_size)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise UsageError("nothing to train: every parameter is frozen")
