@@ -68,6 +68,7 @@ from llada_trm.training.objectives import (
     LLaDAPretrainObjective,
     LLaDASFTObjective,
     MicroBatchResult,
+    PartMetrics,
 )
 from llada_trm.training.trainer import Trainer, TrainingError
 
@@ -176,8 +177,7 @@ class BlockStageObjective:
             parts["block"] = self.block(model, batch["block"], generator)
         loss_sum = sum(part.loss_sum for part in parts.values())
         count = sum(part.count for part in parts.values())
-        metrics = {f"{name}_{key}": value for name, part in parts.items() for key, value in part.metrics.items()}
-        return MicroBatchResult(loss_sum, count, metrics)
+        return MicroBatchResult(loss_sum, count, PartMetrics({name: part.metrics for name, part in parts.items()}))
 
 
 # ---------------------------------------------------------------------- arguments

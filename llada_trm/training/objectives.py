@@ -41,10 +41,20 @@ class SFTMetrics:
 
 
 @dataclass
+class PartMetrics:
+    """The metrics of objectives that each scored one part of a batch, named `<part>_<metric>`."""
+
+    parts: dict[str, SFTMetrics]
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {f"{part}_{key}": value for part, metrics in self.parts.items() for key, value in metrics.as_dict().items()}
+
+
+@dataclass
 class MicroBatchResult:
     loss_sum: Tensor  # attached to the graph; divided by the global normaliser in the trainer
     count: Tensor  # this micro-batch's share of the normaliser (after truncation)
-    metrics: HybridMetrics | SFTMetrics | None = None
+    metrics: HybridMetrics | SFTMetrics | PartMetrics | None = None
     output: object = None
     decision: TruncationDecision | None = None
 
@@ -123,7 +133,7 @@ class LLaDAPretrainObjective(LLaDASFTObjective):
         per_position_mean = llada_pretrain_loss(logits, targets, is_masked, p_mask)
         count = self.pre_count(batch)
         return MicroBatchResult(per_position_mean * count, count,
-                                {"loss": float(per_position_mean.detach()), "masked_tokens": float(is_masked.sum())})
+                                SFTMetrics(per_position_mean.detach(), is_masked.sum().float()))
 
 
 class BlockSFTObjective(LLaDASFTObjective):
