@@ -144,3 +144,22 @@ def test_the_program_turns_a_bad_model_arg_into_one_line(checkpoint):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "decoder=bogus" in errors[0]
+
+
+@pytest.mark.slow
+def test_two_processes_shard_the_requests_and_report_what_one_process_reports(checkpoint, tmp_path):
+    """torchrun (as `accelerate launch` starts it) with two CPU processes: the same scores and the summed cost."""
+    args = {"checkpoint": str(checkpoint), "decoder": "chunked/r1", "mc_num": 4}
+    single = run_harness(args, ["llada_trm_arithmetic", "llada_trm_arithmetic_choice"], 6)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llada_trm.lm_eval",
+               "--model", "llada_trm", "--model_args", ",".join(f"{k}={v}" for k, v in args.items()),
+               "--tasks", "llada_trm_arithmetic,llada_trm_arithmetic_choice", "--limit", "6", "--batch_size", "8",
+               "--device", "cpu", "--output_path", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [written] = list(tmp_path.rglob("results_*.json"))
+    both = json.loads(written.read_text())
+    for task, metric in (("llada_trm_arithmetic", "exact_match,none"), ("llada_trm_arithmetic_choice", "acc,none")):
+        assert both["results"][task][metric] == single["results"][task][metric]
+    assert both["config"]["llada_trm"]["decoding_cost"] == single["config"]["llada_trm"]["decoding_cost"]
+    assert both["config"]["llada_trm"]["decoding_cost"]["llada_trm_arithmetic"]["requests"] == 6
