@@ -21,6 +21,7 @@ import sys
 from llada_trm.cli import EXIT_USAGE
 from llada_trm.inference.harness_task import TASKS_DIR
 
+
 def with_shipped_tasks(argv: list[str]) -> list[str]:
     """`argv` with `--include_path <shipped tasks>` added to a run (or a listing) that names no include path."""
     if any(arg == "--include_path" or arg.startswith("--include_path=") for arg in argv):

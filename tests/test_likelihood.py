@@ -10,7 +10,7 @@ from llada_trm.data.layout import encode_prompt, render_prompt, render_reasoning
 from llada_trm.embedded.arithmetic_task import generate_split
 from llada_trm.embedded.assets import TINY_LLADA_PATH
 from llada_trm.inference.likelihood import is_greedy_continuation, masked_diffusion_loglikelihood
-from llada_trm.inference.sampler import PassCounter
+from llada_trm.inference.sampler import PassCounter, generate
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,6 @@ def test_is_greedy_holds_for_the_models_own_decode_only(shipped):
     backbone, tokenizer = shipped
     context, continuation = pair(tokenizer, generate_split("train", 1)[0])
     own = torch.tensor([context])
-    from llada_trm.inference.sampler import generate
-
     decoded = generate(backbone, own, steps=8, gen_length=8, block_length=8)[0, len(context):].tolist()
     assert is_greedy_continuation(backbone, context, decoded)
     altered = [*decoded[:-1], (decoded[-1] + 1) % backbone.config.vocab_size]
