@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     path = write_frontier(result, output)
     plot_frontier(result, output / PLOT_FILE)
     sampler = "" if result["sampler_num_samples"] == result["num_samples"] else \
-        f" (sampler points: the first {result['sampler_num_samples']})"
-    print(f"\nfrontier on {result['num_samples']} problems{sampler} ({args.split} split), {budget} new tokens at "
+        f", sampler points on the first {result['sampler_num_samples']}"
+    print(f"\nfrontier on {result['num_samples']} problems ({args.split} split{sampler}), {budget} new tokens at "
           f"most, temperature 0; FLOPs over the first {result['flop_sample']} problems; {result['seconds']:.0f} s in all:")
     print(format_frontier_table(result))
     print("\neach decoder kind as a method (AUP: docs/evaluation.md):")
