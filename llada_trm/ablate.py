@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from llada_trm.cli import EXIT_USAGE
+from llada_trm.inference.reporting import cell, markdown_table, matplotlib_figure
 from llada_trm.train import USER_ERRORS
 from llada_trm.training.arguments import parse_arguments
 from llada_trm.training.trainer import Trainer, TrainingError
@@ -174,19 +175,11 @@ def rung_row(rung: str, summary: dict, records: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- table, summary, plot
-def _cell(value, fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
-
-
 def format_table(rows: list[dict]) -> str:
     """A Markdown table (aligned, so it also reads in a terminal), one line per rung."""
-    cells = [[header for _, header, _ in COLUMNS]]
-    cells += [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += [f"{row['rung']}: failed: {row['error']}" for row in rows if row.get("error")]
-    return "\n".join(lines)
+    table = markdown_table([header for _, header, _ in COLUMNS],
+                           [[cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows])
+    return "\n".join([table, *(f"{row['rung']}: failed: {row['error']}" for row in rows if row.get("error"))])
 
 
 def write_summary(rows: list[dict], path: Path, settings: dict) -> Path:
@@ -201,13 +194,10 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
 
     `curves` maps a rung to its metrics records. Returns the PNG's path, or None when matplotlib is missing.
     """
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-    except ImportError:
-        print(f"note: matplotlib is not installed, so {CURVES_FILE} was skipped "
-              f"(pip install matplotlib, or pip install -e .[plot])")
+    Figure = matplotlib_figure(CURVES_FILE)
+    if Figure is None:
         return None
+    from matplotlib.lines import Line2D  # matplotlib is there
     panels = (("loss", "training loss (kept tokens; empty steps left out)"),
               ("truncation/raw_loss", "raw loss (all valid tokens, before the mask)"),
               ("truncation/batch_ratio", "truncation batch ratio"))

@@ -1,14 +1,16 @@
 """The accuracy-vs-speed frontier of a checkpoint or a plain LLaDA: exact match against tokens per backbone pass.
 
-    python -m llada_trm.frontier --checkpoint runs/x/model --split test --max_samples 200 --output_dir runs/frontier
+    python -m llada_trm.frontier --checkpoint runs/x/model --split test --output_dir runs/frontier
     python -m llada_trm.frontier --backbone tiny-llada --points sampler/k1,sampler/t0.9,chunked/r1
 
-Scores the same held-out problems with the same new-token budget (temperature 0) at every point: LLaDA's sampler at
+Scores held-out problems with the same new-token budget (temperature 0) at every point: LLaDA's sampler at
 1/2/4/8/16 tokens per step and with threshold decoding at 0.9/0.7/0.5, the chunk decoder on the backbone alone and
 the hybrid at 16/4/2/1 rounds per chunk and with a 0.9 threshold inside the chunk (`--backbone`: no hybrid points).
-Prints exact match, TPF (new tokens per backbone row-pass), backbone and head FLOPs per new token (FlopCounterMode
-over the first `--flop_sample` problems) and tokens/s; writes frontier.json and, with matplotlib, frontier.png.
-Bad paths or arguments print one line on stderr and exit with code 2.
+The chunk decoders score `--max_samples` problems (500), the sampler the first `--sampler_max_samples` of them (200:
+it re-runs the whole sequence at every step). Prints exact match with its standard error, TPF (new tokens per
+backbone row-pass), backbone and head FLOPs per new token (FlopCounterMode over the first `--flop_sample` problems)
+and tokens/s, then each decoder kind's AUP and TPF within 1 point of its one-token exact match; writes frontier.json
+and, with matplotlib, frontier.png. Bad paths or arguments print one line on stderr and exit with code 2.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from llada_trm.inference.frontier import (
     DECODER_KINDS,
     PLOT_FILE,
     format_frontier_table,
+    format_method_scores,
     frontier,
+    method_scores,
     parse_points,
     plot_frontier,
+    points_by_kind,
     write_frontier,
 )
 from llada_trm.model.loading import resolve_device
@@ -47,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--points", default=None,
                         help="comma-separated points (default: all that apply), e.g. sampler/k1,sampler/t0.9,"
                              "chunked/r16,hybrid/t0.9; kN = N tokens per step, rN = N rounds per chunk, tX = threshold")
+    parser.set_defaults(max_samples=500)
+    parser.add_argument("--sampler_max_samples", type=int, default=200,
+                        help="sampler points score only the first N of the problems (about 16x the cost of one pass "
+                             "per chunk)")
     parser.add_argument("--batch_size", type=int, default=8, help="chunk decoder batch (the sampler takes >= 32)")
     parser.add_argument("--flop_sample", type=int, default=8,
                         help="problems decoded once more under FlopCounterMode for FLOPs per token (0: none)")
@@ -54,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("max_samples", "max_length", "batch_size", "max_new_tokens"):
+    for name in ("max_samples", "sampler_max_samples", "max_length", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name} must be positive, got {value}")
@@ -92,18 +101,24 @@ def main(argv: list[str] | None = None) -> int:
         rows = held_out_rows(args, tokenizer, chunk_size, model.backbone.config.max_sequence_length)
         budget = args.max_new_tokens or default_new_token_budget(rows, chunk_size)
         result = frontier(model, tokenizer, rows, budget, points, batch_size=args.batch_size,
-                          flop_sample=args.flop_sample, progress=not args.no_progress)
+                          flop_sample=args.flop_sample, progress=not args.no_progress,
+                          sampler_max_samples=args.sampler_max_samples)
     except (UsageError, InferenceSetupError, CheckpointMismatchError, ValueError, OSError) as error:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, no traceback
         return EXIT_USAGE
     result["seconds"] = time.perf_counter() - began
     result["model"] = args.checkpoint or args.backbone
+    result["methods"] = method_scores(points_by_kind(result), result["chunk_size"])
     output = Path(args.output_dir)
     path = write_frontier(result, output)
     plot_frontier(result, output / PLOT_FILE)
-    print(f"\nfrontier on {result['num_samples']} problems ({args.split} split), {budget} new tokens at most, "
-          f"temperature 0; FLOPs over the first {result['flop_sample']} problems; {result['seconds']:.0f} s in all:")
+    sampler = "" if result["sampler_num_samples"] == result["num_samples"] else \
+        f", sampler points on the first {result['sampler_num_samples']}"
+    print(f"\nfrontier on {result['num_samples']} problems ({args.split} split{sampler}), {budget} new tokens at "
+          f"most, temperature 0; FLOPs over the first {result['flop_sample']} problems; {result['seconds']:.0f} s in all:")
     print(format_frontier_table(result))
+    print("\neach decoder kind as a method (AUP: docs/evaluation.md):")
+    print(format_method_scores(result["methods"]))
     print(f"written to {path}")
     return 0
 

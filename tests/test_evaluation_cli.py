@@ -267,9 +267,11 @@ def test_evaluate_cli_reports_every_decoder(checkpoint_dirs, tmp_path, capsys):
     assert main(["--checkpoint", str(checkpoint), "--dataset_path", str(data), "--split", "train",
                  "--max_length", "100", "--no_progress", "--output_json", str(out_json)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    table = {line.split()[0]: line.split()[1:] for line in lines[-3:]}
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ")]
+    assert rows[0][:5] == ["decoder", "exact match", "s.e.", "correct", "samples"]
+    table = {row[0]: row[1:] for row in rows[1:]}
     for decoder in ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined"):
-        assert table[decoder][:3] == ["0.667", "2", "3"], decoder
+        assert table[decoder][:4] == ["0.667", f"{(2 / 3 * (1 / 3) / 3) ** 0.5:.3f}", "2", "3"], decoder
     saved = json.loads(out_json.read_text())
     assert saved["num_samples"] == 3 and saved["accuracy"]["hybrid_refined"] == 2 / 3
     assert main(["--checkpoint", str(checkpoint), "--dataset_name", "synthetic", "--split", "test",

@@ -220,18 +220,29 @@ def checkpoint(backbone_dir, tmp_path_factory, shipped_rows):
 def test_frontier_command_writes_the_table_and_json(checkpoint, tmp_path, capsys):
     from llada_trm.frontier import main
 
-    points = "sampler/k4,sampler/t0.5,chunked/r1,hybrid/r1,hybrid/t0.9"
-    assert main(["--checkpoint", str(checkpoint), "--max_samples", "3", "--max_new_tokens", "32", "--points", points,
-                 "--flop_sample", "1", "--output_dir", str(tmp_path), "--no_progress"]) == 0
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert table[0].split("|")[1].strip() == "point" and [row.split("|")[1].strip() for row in table[1:]] == \
-        points.split(",")
+    points = "sampler/k4,sampler/t0.5,chunked/r1,hybrid/r16,hybrid/r1,hybrid/t0.9"
+    assert main(["--checkpoint", str(checkpoint), "--max_samples", "3", "--sampler_max_samples", "2",
+                 "--max_new_tokens", "32", "--points", points, "--flop_sample", "1", "--output_dir", str(tmp_path),
+                 "--no_progress"]) == 0
+    out, methods_out = capsys.readouterr().out.split("each decoder kind as a method")
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    assert table[0][:3] == ["point", "exact match", "s.e."] and [row[0] for row in table[1:]] == points.split(",")
     saved = json.loads((tmp_path / "frontier.json").read_text())
-    assert saved["num_samples"] == 3 and saved["max_new_tokens"] == 32 and saved["seconds"] > 0
-    for point in saved["points"]:
-        assert point["num_samples"] == 3 and 0 <= point["accuracy"] <= 1 and point["backbone_passes"] > 0
+    assert saved["num_samples"] == 3 and saved["sampler_num_samples"] == 2 and saved["max_new_tokens"] == 32
+    assert saved["seconds"] > 0 and saved["chunk_size"] == 16
+    for point, row in zip(saved["points"], table[1:]):
+        assert point["num_samples"] == (2 if point["kind"] == "sampler" else 3)
+        assert 0 <= point["accuracy"] <= 1 and point["backbone_passes"] > 0
         assert point["tokens_per_pass"] > 0 and point["head_flops_per_token"] >= 0
+        p, n = point["accuracy"], point["num_samples"]
+        assert point["standard_error"] == pytest.approx((p * (1 - p) / n) ** 0.5) and row[2] == f"{(p * (1 - p) / n) ** 0.5:.3f}"
     assert {p["name"]: p["kind"] for p in saved["points"]}["hybrid/t0.9"] == "hybrid"
+    methods = [[c.strip() for c in line.split("|")[1:-1]] for line in methods_out.splitlines() if line.startswith("| ")]
+    assert methods[0][:2] == ["method", "AUP"] and [row[0] for row in methods[1:]] == ["sampler", "chunked", "hybrid"]
+    assert set(saved["methods"]) == {"sampler", "chunked", "hybrid"}
+    hybrid_points = [p for p in saved["points"] if p["kind"] == "hybrid"]
+    assert saved["methods"]["hybrid"]["one_token_exact_match"] == hybrid_points[0]["accuracy"]  # hybrid/r16
+    assert saved["methods"]["sampler"]["one_token_exact_match"] is None  # no sampler/k1 among the points
 
 
 def test_frontier_command_usage_errors_are_one_line(backbone_dir, tmp_path, capsys):

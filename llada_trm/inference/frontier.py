@@ -6,7 +6,11 @@ A point is a decoder and how hard it works per pass, written as a short name:
 - `chunked/rN`, `hybrid/rN`: the chunk decoder on the backbone alone / with the refinement head, N rounds a chunk;
 - `chunked/tX`, `hybrid/tX`: the same with the threshold rule inside each chunk (`commit_threshold`).
 Every point scores the same problems with the same new-token budget at temperature 0, through
-`inference.exact_match`, which also counts the backbone row-passes each decoder ran and its FLOPs per new token.
+`inference.exact_match`, which also counts the backbone row-passes each decoder ran and its FLOPs per new token;
+sampler points may score only the first of those problems (`sampler_max_samples`: it costs about 16x a pass per
+chunk). Each exact match comes with its standard error, and each method (a decoder kind here, a trained run in
+`compare`) with one number for speed and accuracy together, AUP, and its TPF within 1 point of its one-token
+exact match (inference/reporting.py, docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llada_trm.inference.exact_match import SAMPLER_MIN_BATCH, chunk_decoder_accuracy, llada_sampler_accuracy
+from llada_trm.inference.reporting import ONE_TOKEN_DROP, aup, cell, markdown_table, matplotlib_figure, tpf_within
 
 DECODER_KINDS = ("sampler", "chunked", "hybrid")
 BACKBONE_KINDS = ("sampler", "chunked")  # the points a plain LLaDA (no trained head) can run
@@ -24,6 +29,8 @@ DEFAULT_POINTS = ("sampler/k1", "sampler/k2", "sampler/k4", "sampler/k8", "sampl
                   "chunked/r16", "chunked/r4", "chunked/r2", "chunked/r1", "chunked/t0.9",
                   "hybrid/r16", "hybrid/r4", "hybrid/r2", "hybrid/r1", "hybrid/t0.9")
 FRONTIER_FILE, PLOT_FILE = "frontier.json", "frontier.png"
+FRONTIER_HEADER = ("point", "exact match", "s.e.", "TPF", "backbone MFLOP/tok", "head MFLOP/tok", "tokens/s",
+                   "steps/round")
 
 
 class PointError(ValueError):
@@ -97,31 +104,76 @@ def score_point(point: FrontierPoint, model, tokenizer, rows: list[dict], max_ne
 
 
 def frontier(model, tokenizer, rows: list[dict], max_new_tokens: int, points: list[FrontierPoint],
-             batch_size: int = 8, flop_sample: int = 8, progress: bool = True) -> dict:
-    """Score every point on the same rows and budget: {"num_samples", "max_new_tokens", "flop_sample", "points"}."""
-    scored = [score_point(p, model, tokenizer, rows, max_new_tokens, batch_size, flop_sample, progress)
-              for p in points]
-    return {"num_samples": len(rows), "max_new_tokens": max_new_tokens, "flop_sample": min(flop_sample, len(rows)),
-            "points": scored}
+             batch_size: int = 8, flop_sample: int = 8, progress: bool = True,
+             sampler_max_samples: int | None = None) -> dict:
+    """Score every point on the same rows and budget: {"num_samples", "sampler_num_samples", "max_new_tokens",
+    "chunk_size", "flop_sample", "points"}. Sampler points score only the first `sampler_max_samples` rows (None:
+    all): the sampler re-runs the whole sequence at every step, about 16x the cost of one pass per chunk."""
+    sampler_rows = rows[:sampler_max_samples] if sampler_max_samples is not None else rows
+    scored = [score_point(p, model, tokenizer, sampler_rows if p.kind == "sampler" else rows, max_new_tokens,
+                          batch_size, flop_sample, progress) for p in points]
+    return {"num_samples": len(rows), "sampler_num_samples": len(sampler_rows), "max_new_tokens": max_new_tokens,
+            "chunk_size": model.config.chunk_size, "flop_sample": min(flop_sample, len(rows)), "points": scored}
 
 
 def _flops(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1e6:,.1f}"
+    return cell(None if value is None else value / 1e6, "{:,.1f}")
 
 
 def format_frontier_table(result: dict) -> str:
-    """A markdown table: exact match, TPF, backbone and head MFLOPs per new token, tokens/s, mean refinement steps."""
-    header = ("point", "exact match", "TPF", "backbone MFLOP/tok", "head MFLOP/tok", "tokens/s", "steps/round")
-    lines = [header]
-    for p in result["points"]:
-        lines.append((p["name"], f"{p['accuracy']:.3f}", f"{p['tokens_per_pass']:.2f}",
-                      _flops(p.get("backbone_flops_per_token")), _flops(p.get("head_flops_per_token")),
-                      f"{p['tokens_per_second']:.1f}", f"{p['mean_refinement_steps']:.2f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) + " |"
-            for line in lines]
-    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(text)
+    """A markdown table: exact match and its standard error, TPF, backbone and head MFLOPs per new token, tokens/s,
+    mean refinement steps."""
+    return markdown_table(FRONTIER_HEADER, [frontier_row(p) for p in result["points"]],
+                          right=range(1, len(FRONTIER_HEADER)))
+
+
+def frontier_row(p: dict) -> tuple:
+    """The cells of one scored point, in FRONTIER_HEADER's order."""
+    return (p["name"], f"{p['accuracy']:.3f}", cell(p.get("standard_error"), "{:.3f}"), f"{p['tokens_per_pass']:.2f}",
+            _flops(p.get("backbone_flops_per_token")), _flops(p.get("head_flops_per_token")),
+            f"{p['tokens_per_second']:.1f}", f"{p['mean_refinement_steps']:.2f}")
+
+
+# --------------------------------------------------------------------------------------------- one number per method
+def is_one_token_point(point: dict, chunk_size: int) -> bool:
+    """A point that commits one token per backbone pass by its schedule: sampler/k1, or chunk_size rounds a chunk."""
+    if point.get("threshold") is not None:
+        return False
+    return point["per_step"] == (1 if point["kind"] == "sampler" else chunk_size)
+
+
+def method_scores(points_by_method: dict[str, list[dict]], chunk_size: int) -> dict[str, dict]:
+    """Per method (a name -> its scored frontier points): AUP against the best exact match of all methods, its
+    one-token exact match (the best of its one-token points) and the largest TPF within 1 point of it."""
+    every = [p["accuracy"] for points in points_by_method.values() for p in points]
+    best = 100 * max(every) if every else 0.0
+    scores = {}
+    for method, points in points_by_method.items():
+        curve = [(p["tokens_per_pass"], p["accuracy"]) for p in points]
+        one_token = [p["accuracy"] for p in points if is_one_token_point(p, chunk_size)]
+        reference = max(one_token) if one_token else None
+        scores[method] = {
+            "aup": aup([(tpf, 100 * accuracy) for tpf, accuracy in curve], best),
+            "one_token_exact_match": reference,
+            "tpf_at_one_token_minus_1": tpf_within(curve, reference, ONE_TOKEN_DROP),
+            "best_exact_match_at_tpf_8": max((a for tpf, a in curve if tpf >= 8), default=None),
+        }
+    return scores
+
+
+def format_method_scores(scores: dict[str, dict]) -> str:
+    """One row per method: AUP, one-token exact match, TPF at that minus 1 point, best exact match at TPF >= 8."""
+    header = ("method", "AUP", "one-token exact match", "TPF at one-token - 1 pt", "best exact match at TPF >= 8")
+    rows = [(method, cell(s["aup"], "{:.1f}"), cell(s["one_token_exact_match"], "{:.3f}"),
+             cell(s["tpf_at_one_token_minus_1"], "{:.2f}"), cell(s["best_exact_match_at_tpf_8"], "{:.3f}"))
+            for method, s in scores.items()]
+    return markdown_table(header, rows, right=range(1, len(header)))
+
+
+def points_by_kind(result: dict) -> dict[str, list[dict]]:
+    """The frontier's points grouped by decoder kind (sampler, chunked, hybrid): its methods."""
+    grouped = {kind: [p for p in result["points"] if p["kind"] == kind] for kind in DECODER_KINDS}
+    return {kind: points for kind, points in grouped.items() if points}
 
 
 def write_frontier(result: dict, output_dir: Path) -> Path:
@@ -133,10 +185,8 @@ def write_frontier(result: dict, output_dir: Path) -> Path:
 
 def plot_frontier(result: dict, path: Path) -> Path | None:
     """Exact match against TPF, one marker series per decoder kind; None (and a note) without matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print(f"note: matplotlib is not installed, so {Path(path).name} was skipped (pip install -e .[plot])")
+    Figure = matplotlib_figure(Path(path).name)
+    if Figure is None:
         return None
     figure = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = figure.subplots()

@@ -125,6 +125,8 @@ class TrainArguments:
     logging_steps: int = field(default=10, metadata=_help("optimiser steps between metric records"))
     eval_steps: int | None = field(default=None, metadata=_help("optimiser steps between evaluations (default: at the end)"))
     eval_max_samples: int = field(default=200, metadata=_help("held-out problems scored for exact match (0: none)"))
+    eval_sampler_max_samples: int | None = field(default=200, metadata=_help(
+        "of those, the first N scored with LLaDA's sampler, about 16x the cost of a pass per chunk (none: all)"))
     eval_max_new_tokens: int | None = field(default=None, metadata=_help(
         "new-token budget of every decoder at evaluation (default: the longest reference reasoning + one chunk)"))
     eval_decode_steps_per_chunk: int = field(default=1, metadata=_help(
@@ -279,6 +281,8 @@ def validate(model: ModelArguments, train: TrainArguments) -> None:
     require(0.0 <= train.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {train.warmup_ratio}")
     require(train.max_grad_norm >= 0, f"--max_grad_norm must be non-negative, got {train.max_grad_norm}")
     require(train.eval_max_samples >= 0, f"--eval_max_samples must be non-negative, got {train.eval_max_samples}")
+    require(train.eval_sampler_max_samples is None or train.eval_sampler_max_samples > 0,
+            f"--eval_sampler_max_samples must be positive, got {train.eval_sampler_max_samples}")
     require(train.mixed_precision in MIXED_PRECISION, f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
     require(
         train.report_to in ("none", "tensorboard", "wandb", "all"),

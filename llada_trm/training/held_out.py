@@ -3,8 +3,9 @@
 What is notable:
 - The held-out loss is the training objective on every supervised token: no truncation, no token weights.
 - Answer accuracy is the fair comparison of inference/exact_match.py: the backbone with LLaDA's sampler and
-  through the chunk decoder, and the hybrid with generate_with_refinement. A frozen backbone answers the same
-  at every evaluation, so its rows are computed once and kept on the trainer.
+  through the chunk decoder, and the hybrid with generate_with_refinement, each with its standard error; the
+  sampler scores the first --eval_sampler_max_samples of the problems (its 16 passes per chunk). A frozen backbone
+  answers the same at every evaluation, so its rows are computed once and kept on the trainer.
 - `decoding_frontier` scores a few more decoders on the same rows and budget, with what each costs per backbone
   pass (inference/frontier.py): the end of the main command and `compare` print it.
 - Each function takes the `Trainer` (training/trainer.py) that calls it; this module does not import it back.
@@ -71,7 +72,8 @@ def answer_accuracy(trainer) -> dict:
     budget = t.eval_max_new_tokens or default_new_token_budget(rows, m.chunk_size)
     options = dict(tokenizer=trainer.tokenizer, rows=rows, max_new_tokens=budget, chunk_size=m.chunk_size,
                    batch_size=t.eval_batch_size or t.batch_size, progress=False,
-                   decode_steps_per_chunk=t.eval_decode_steps_per_chunk)
+                   decode_steps_per_chunk=t.eval_decode_steps_per_chunk,
+                   sampler_max_samples=t.eval_sampler_max_samples)
     frozen = is_hybrid and model.config.freeze_backbone
     kept = trainer.frozen_backbone_rows
     models = {name: net for name, net in _decoders(model, trainer.args).items() if not (frozen and name in kept)}
@@ -113,7 +115,8 @@ def decoding_frontier(trainer, points: str | None = None, flop_sample: int = 0) 
     rows, _ = scored_rows(trainer.eval_data.dataset, t.eval_max_samples)
     decoder_model = model if is_hybrid else backbone_only_hybrid(model, trainer.args)
     result = frontier(decoder_model, trainer.tokenizer, rows, trainer.fair_eval["max_new_tokens"], chosen,
-                      batch_size=t.eval_batch_size or t.batch_size, flop_sample=flop_sample, progress=False)
+                      batch_size=t.eval_batch_size or t.batch_size, flop_sample=flop_sample, progress=False,
+                      sampler_max_samples=t.eval_sampler_max_samples)
     model.train()
     return result
 

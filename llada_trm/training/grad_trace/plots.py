@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llada_trm.inference.reporting import matplotlib_figure
 from llada_trm.training.grad_trace.token_types import TOKEN_TYPES
 
 PLOT_FILES = ("grad_trace_alignment_by_type.png", "grad_trace_magnitude_vs_alignment.png",
@@ -13,10 +14,8 @@ TYPE_COLOURS = dict(zip(TOKEN_TYPES, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd"
 
 
 def write_plots(run_dir: str | Path, result: dict, tokens: list[dict]) -> list[Path]:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("note: matplotlib is not installed, so the PNG plots were skipped (pip install -e .[plot])")
+    Figure = matplotlib_figure("the PNG plots")
+    if Figure is None:
         return []
     run_dir = Path(run_dir)
     paths = [run_dir / name for name in PLOT_FILES]
