@@ -220,8 +220,8 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------- running the ladder
-def run_rung(rung: str, args) -> dict:
-    """Train one rung; the summary dict of `Trainer.train()` (its eval_loss covers every token) or {'error': ...}."""
+def run_rung(args) -> dict:
+    """Train one rung (its parsed arguments); the summary dict of `Trainer.train()` (its eval_loss covers every token) or {'error': ...}."""
     trainer = Trainer(args)
     try:
         summary = trainer.train()
@@ -246,7 +246,7 @@ def run_ladder(options: argparse.Namespace, rungs: list[str], extra: list[str]) 
     rows, curves = [], {}
     for i, rung in enumerate(rungs, 1):
         print(f"\n=== rung {rung} ({i}/{len(rungs)}) ===", flush=True)
-        summary = run_rung(rung, rung_args[rung])
+        summary = run_rung(rung_args[rung])
         metrics = Path(options.output_dir) / rung / "metrics.jsonl"
         curves[rung] = read_metrics(metrics) if metrics.exists() else []
         rows.append({**rung_row(rung, summary, curves[rung]), "output_dir": str(metrics.parent)})
