@@ -4,7 +4,7 @@
 
 Every row runs the project's own code (LLaDATRMHybrid.forward and backward, the LLaDA SFT loss under peft LoRA,
 generate_with_refinement, the LLaDA sampler) under FlopCounterMode with shapes only (benchmarks/flop_count.py),
-built with 1 and with 2 backbone layers and extended to the shape's layer count. The hybrid's settings are the
+built with 1 and 2 backbone layers and two small vocabularies and extended to the shape (`extrapolate`). The hybrid's settings are the
 8B config's (configs/llada8b_natural_reasoning.yaml, parsed as the training program parses it), then the same
 with one lever changed at a time. FLOPs count matrix products and attention (dense), forward and backward; the
 optimizer step, norms, softmax and other elementwise work are not counted (FlopCounterMode's convention).
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import CHUNK, sft_loss, shape_config, training_batch  # noqa: E402
-from flop_count import FlopSplit, count_flops, lazy_parameters, parts_of, per_layer_extrapolation  # noqa: E402
+from flop_count import FlopSplit, count_flops, extrapolate, lazy_parameters, parts_of  # noqa: E402
 from flop_count import shape_only_compute  # noqa: E402
 from timing import SavedTensorMeter  # noqa: E402
 
@@ -57,6 +57,8 @@ def lever_variants(base: HybridConfig) -> dict[str, dict]:
     for fewer in sorted({max(1, steps // 2), max(1, steps // 4)} - {steps}, reverse=True):
         variants[f"max_recursive_steps {fewer}"] = dict(max_recursive_steps=fewer,
                                                         min_recursive_steps=min(base.min_recursive_steps, fewer))
+    if base.intermediate_step_positions == "all":
+        variants["intermediate_step_positions masked"] = dict(intermediate_step_positions="masked")
     design = dict(clean_context=False, draft_feedback=False, unmasked_chunk_weight=1.0)
     if any(getattr(base, k) != v for k, v in design.items()):
         variants["the design's levers (no clean context, no draft feedback, unmasked weight 1)"] = design
@@ -68,6 +70,13 @@ def lever_variants(base: HybridConfig) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------------ models
 
+def reduced(config: LLaDAConfig, n_layers: int, vocab_size: int) -> LLaDAConfig:
+    """The shape with fewer layers and a smaller vocabulary (its special tokens moved to its top)."""
+    return dataclasses.replace(config, n_layers=n_layers, vocab_size=vocab_size, embedding_size=vocab_size,
+                               mask_token_id=vocab_size - 1, eos_token_id=vocab_size - 2,
+                               pad_token_id=vocab_size - 2, bos_token_id=vocab_size - 3)
+
+
 def lazy_backbone(config: LLaDAConfig, n_layers: int) -> LLaDAModelLM:
     with torch.device("meta"):
         backbone = LLaDAModelLM(dataclasses.replace(config, n_layers=n_layers))
@@ -75,8 +84,11 @@ def lazy_backbone(config: LLaDAConfig, n_layers: int) -> LLaDAModelLM:
 
 
 def lazy_hybrid(config: LLaDAConfig, n_layers: int, hybrid: HybridConfig) -> LLaDATRMHybrid:
-    torch.manual_seed(0)
-    return LLaDATRMHybrid(dataclasses.replace(hybrid), backbone=lazy_backbone(config, n_layers)).train()
+    """Built whole on the meta device, then given lazy storage: no initialiser ever writes a weight."""
+    with torch.device("meta"):
+        backbone = LLaDAModelLM(dataclasses.replace(config, n_layers=n_layers))
+        model = LLaDATRMHybrid(dataclasses.replace(hybrid), backbone=backbone)
+    return lazy_parameters(model).train()
 
 
 def counted(model, forward: Callable[[], torch.Tensor | None], backward: bool) -> FlopSplit:
@@ -116,16 +128,21 @@ def training_counts(config: LLaDAConfig, n_layers: int, recipe: HybridConfig, ar
 def sft_counts(config: LLaDAConfig, n_layers: int, batch: dict) -> dict[str, FlopSplit]:
     from peft import LoraConfig, get_peft_model
 
+    """Counted on the first row and multiplied by the batch size: the SFT loss's products do not depend on which
+    tokens are masked, and the rows have one length, so this is exact (and keeps the (L, V) logits of one row)."""
     rows = {}
     generator = torch.Generator().manual_seed(0)
+    one_row, size = {k: v[:1] for k, v in batch.items()}, len(batch["input_ids"])
     backbone = lazy_backbone(config, n_layers).train()
     backbone.gradient_checkpointing_enable()
     lora = get_peft_model(backbone, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS)).train()
     rows["LLaDA SFT, LoRA r=16 (q,k,v,attn_out), grad ckpt"] = counted(
-        lora, lambda: sft_loss(lora, batch, generator), backward=True)
+        lora, lambda: sft_loss(lora, one_row, generator), backward=True) * size
+    del lora, backbone
     full = lazy_backbone(config, n_layers).train().requires_grad_(True)
     full.gradient_checkpointing_enable()
-    rows["LLaDA SFT, full, grad ckpt"] = counted(full, lambda: sft_loss(full, batch, generator), backward=True)
+    rows["LLaDA SFT, full, grad ckpt"] = counted(full, lambda: sft_loss(full, one_row, generator),
+                                                 backward=True) * size
     return rows
 
 
@@ -203,14 +220,17 @@ def main(args) -> None:
     recipe.max_recursive_steps = args.max_recursive_steps or recipe.max_recursive_steps
     recipe.min_recursive_steps = min(recipe.min_recursive_steps, recipe.max_recursive_steps)
     recipe.resolve_head_shape(config.d_model)
-    print(f"counted FLOPs, shape {args.shape}: d_model {config.d_model}, {config.n_layers} layers (counted with 1 "
-          f"and 2, extended linearly), vocab {config.vocab_size}; head {recipe.head_hidden_size} wide, "
+    print(f"counted FLOPs, shape {args.shape}: d_model {config.d_model}, {config.n_layers} layers (counted at 1 and 2 "
+          f"layers and vocabularies of 512 and 1,024, extended linearly), vocab {config.vocab_size}; head {recipe.head_hidden_size} wide, "
           f"{recipe.max_recursive_steps} steps of {recipe.latent_steps} latent updates; 8B config: "
           f"clean_context {recipe.clean_context}, draft_feedback {recipe.draft_feedback}, unmasked_chunk_weight "
           f"{recipe.unmasked_chunk_weight}\n")
-    layers = config.n_layers if not args.count_all_layers else None
-    train = per_layer_extrapolation(lambda k: training_counts(config, k, recipe, args), layers) if layers else \
-        training_counts(config, config.n_layers, recipe, args)
-    decode = per_layer_extrapolation(lambda k: decoding_counts(config, k, recipe, args), layers) if layers else \
-        decoding_counts(config, config.n_layers, recipe, args)
+    if args.count_all_layers:
+        train = training_counts(config, config.n_layers, recipe, args)
+        decode = decoding_counts(config, config.n_layers, recipe, args)
+    else:
+        train = extrapolate(lambda k, v: training_counts(reduced(config, k, v), k, recipe, args),
+                            config.n_layers, config.vocab_size)
+        decode = extrapolate(lambda k, v: decoding_counts(reduced(config, k, v), k, recipe, args),
+                             config.n_layers, config.vocab_size)
     print_counts(train, decode, args)

@@ -16,8 +16,9 @@ small CPU:
   model uninitialised weights whose pages the OS never maps (no product reads them). Everything else (masks,
   indexing, norms, softmax, the training code's control flow) still runs for real, so the count is the one of a
   real run: tests/test_flop_count.py checks both against a plain FlopCounterMode run.
-- Layers by difference. `per_layer_extrapolation` counts with 1 and with 2 backbone layers and extends linearly to
-  n: exact, because LLaDA's layers are identical and nothing else depends on their number (also tested).
+- Layers and vocabulary by difference. `extrapolate` counts with 1 and 2 backbone layers and with two small
+  vocabularies and extends linearly to the shape: exact, because LLaDA's layers are identical and the vocabulary
+  only sets the width of the LM head's products (also tested).
 
 `PartCounter` splits every counted op into backbone, head body, output layer (the backbone's LM head, wherever it
 is applied) and attention (SDPA of backbone and head): a product belongs to the part of the weight it multiplies,
@@ -220,13 +221,23 @@ def lazy_parameters(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Mo
     return module
 
 
-# ------------------------------------------------------------------------------------------ layer scaling
+# ------------------------------------------------------------------------------------- layers and vocabulary
 
-def per_layer_extrapolation(count_with_layers: Callable[[int], dict[str, FlopSplit]], n_layers: int
-                            ) -> dict[str, FlopSplit]:
-    """{row: split} at `n_layers` from counts with 1 and 2 layers: c(n) = c(1) + (n - 1) (c(2) - c(1))."""
-    one = count_with_layers(1)
-    if n_layers == 1:
-        return one
-    two = count_with_layers(2)
-    return {row: one[row] + (two[row] - one[row]) * (n_layers - 1) for row in one}
+SMALL_VOCABULARIES = (512, 1024)
+
+
+def extrapolate(count: Callable[[int, int], dict[str, FlopSplit]], n_layers: int, vocab_size: int,
+                small_vocabularies: tuple[int, int] = SMALL_VOCABULARIES) -> dict[str, FlopSplit]:
+    """{row: split} at `n_layers` and `vocab_size` from counts `count(layers, vocabulary)` at (1, v1), (2, v1) and
+    (1, v2): c = c(1, v1) + (n - 1) (c(2, v1) - c(1, v1)) + (V - v1) / (v2 - v1) (c(1, v2) - c(1, v1)).
+
+    Exact: the layers are identical and nothing else depends on their number; the vocabulary only sets the width
+    of the LM head's products (and of what they save), which run once per use whatever the depth. Counting at a
+    small vocabulary also skips the real softmax work over 126,464 logits per token, most of a count's time."""
+    v1, v2 = small_vocabularies
+    base = count(1, v1)
+    deeper = count(2, v1) if n_layers != 1 else base
+    wider = count(1, v2) if vocab_size != v1 else base
+    vocab_factor = (vocab_size - v1) / (v2 - v1)
+    return {row: base[row] + (deeper[row] - base[row]) * (n_layers - 1) + (wider[row] - base[row]) * vocab_factor
+            for row in base}
