@@ -38,6 +38,7 @@ import torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's llada_trm, not an installed one
 from bench_train_step import naive_step  # noqa: E402
 from timing import SavedTensorMeter, describe_machine, time_call  # noqa: E402
 
