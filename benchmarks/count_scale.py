@@ -57,8 +57,8 @@ def lever_variants(base: HybridConfig) -> dict[str, dict]:
     for fewer in sorted({max(1, steps // 2), max(1, steps // 4)} - {steps}, reverse=True):
         variants[f"max_recursive_steps {fewer}"] = dict(max_recursive_steps=fewer,
                                                         min_recursive_steps=min(base.min_recursive_steps, fewer))
-    if base.intermediate_step_positions == "all":
-        variants["intermediate_step_positions masked"] = dict(intermediate_step_positions="masked")
+    other = "masked" if base.intermediate_step_positions == "all" else "all"
+    variants[f"intermediate_step_positions {other}"] = dict(intermediate_step_positions=other)
     design = dict(clean_context=False, draft_feedback=False, unmasked_chunk_weight=1.0)
     if any(getattr(base, k) != v for k, v in design.items()):
         variants["the design's levers (no clean context, no draft feedback, unmasked weight 1)"] = design
