@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py --shape tiny                       # CPU, a minute or two
     python benchmarks/bench_scale.py --shape 8b --device cuda           # one 80 GB GPU
+    python benchmarks/bench_scale.py --shape 8b --count_flops           # counted FLOPs, any CPU (count_scale.py)
 
 The backbone is built directly on the device in the backbone dtype (bf16 on CUDA, fp32 on CPU by default) with
 random weights: no download, and timings do not depend on the values. The head is the default HybridConfig
@@ -37,6 +38,7 @@ import torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's llada_trm, not an installed one
 from bench_train_step import naive_step  # noqa: E402
 from timing import SavedTensorMeter, describe_machine, time_call  # noqa: E402
 
@@ -75,13 +77,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--prompt_length", type=int, default=None, help="a multiple of 16")
     parser.add_argument("--num_chunks", type=int, default=None)
-    parser.add_argument("--max_recursive_steps", type=int, default=8)
+    parser.add_argument("--max_recursive_steps", type=int, default=None,
+                        help="refinement steps (default 8; with --count_flops the 8B config's)")
     parser.add_argument("--new_tokens", type=int, default=None, help="a multiple of --block_length")
     parser.add_argument("--block_length", type=int, default=32, help="LLaDA generate's block length")
     parser.add_argument("--decode_batch", type=int, default=None, help="the larger decoding batch (the other is 1)")
     parser.add_argument("--skip_naive", action="store_true")
     parser.add_argument("--skip_sft", action="store_true", help="leave out both SFT rows (and the LoRA ratios)")
     parser.add_argument("--skip_decode", action="store_true")
+    parser.add_argument("--skip_train", action="store_true", help="decoding rows only")
+    parser.add_argument("--count_flops", action="store_true",
+                        help="print counted FLOPs instead of timings (CPU, shapes only: benchmarks/count_scale.py)")
+    parser.add_argument("--count_all_layers", action="store_true",
+                        help="with --count_flops: count every layer instead of 1 and 2 extended linearly")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -93,6 +101,8 @@ def parse_args() -> argparse.Namespace:
     args.new_tokens = args.new_tokens or new_tokens
     args.decode_batch = args.decode_batch or decode_batch
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.count_flops:
+        args.device, args.dtype = "cpu", "float32"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.prompt_length % CHUNK or args.new_tokens % args.block_length or args.new_tokens % CHUNK:
@@ -351,6 +361,11 @@ def print_goals(rows: list[Row], decode_batch: int) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.count_flops:
+        import count_scale
+
+        return count_scale.main(args)
+    args.max_recursive_steps = args.max_recursive_steps or 8
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renaming of gradient checkpointing
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -375,9 +390,11 @@ def main() -> None:
         model.eval()
         rows += decoding_rows(model, args)
         model.train()
-    rows = training_rows(model, batch, args) + rows
+    if not args.skip_train:
+        rows = training_rows(model, batch, args) + rows
     print_table(rows, args.device)
-    print_goals(rows, args.decode_batch)
+    if not args.skip_train:
+        print_goals(rows, args.decode_batch)
 
 
 if __name__ == "__main__":

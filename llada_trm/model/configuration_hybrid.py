@@ -11,6 +11,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 STEP_WEIGHTINGS = ("linear", "uniform")
+INTERMEDIATE_STEP_POSITIONS = ("all", "masked")
 
 
 class HybridConfigError(ValueError):
@@ -57,6 +58,10 @@ class HybridConfig(PreTrainedConfig):
     deep_supervision_weight: float = _setting(0.3, "masked chunks weigh 1 + this")
     unmasked_chunk_weight: float = _setting(1.0, "weight of unmasked chunks")
     step_weighting: str = _setting("linear", "linear (a_s = s) or uniform")
+    # The LM head (d_model x vocabulary) at every step is most of a step's cost at 8B (docs/performance.md).
+    intermediate_step_positions: str = _setting("all", (
+        "where the steps before the last are scored: all supervised positions, or `masked` (those whose input is "
+        "the mask token; the last step always scores all)"))
 
     def resolve_head_shape(self, backbone_d_model: int) -> None:
         """Fill the derived head sizes from the backbone width (once, before the head is built)."""
@@ -90,6 +95,11 @@ class HybridConfig(PreTrainedConfig):
         if self.step_weighting not in STEP_WEIGHTINGS:
             raise HybridConfigError(
                 f"`step_weighting` must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}"
+            )
+        if self.intermediate_step_positions not in INTERMEDIATE_STEP_POSITIONS:
+            raise HybridConfigError(
+                f"`intermediate_step_positions` must be one of {', '.join(INTERMEDIATE_STEP_POSITIONS)}, "
+                f"got {self.intermediate_step_positions!r}"
             )
         for name in ("deep_supervision_weight", "unmasked_chunk_weight", "refine_confidence_threshold"):
             if getattr(self, name) < 0:

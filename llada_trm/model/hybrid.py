@@ -196,6 +196,18 @@ class LLaDATRMHybrid(PreTrainedModel):
         weight = self.backbone.get_output_embeddings().weight
         return StepScores.of_token_scores(lm_head_scores((hidden + self.head.out_proj(y)).to(weight.dtype), weight, targets))
 
+    def narrowed_step_scores(self, hidden: Tensor, y: Tensor, targets: Tensor | None, rows: Tensor) -> StepScores:
+        """`step_scores_at` of the (N,) positions at `rows` only, spread back to N: CE and probabilities 0 and argmax
+        -100 elsewhere (the CE there adds nothing to the loss and gets no gradient)."""
+        part = self.step_scores_at(hidden[rows], y[rows], targets[rows] if targets is not None else None)
+        count = hidden.shape[0]
+
+        def spread(values: Tensor, fill) -> Tensor:
+            return values.new_full((count,), fill).index_put((rows,), values)
+
+        return StepScores(spread(part.ce, 0.0), spread(part.label_prob, 0.0), spread(part.max_prob, 0.0),
+                          spread(part.prediction, -100))
+
     # ------------------------------------------------------------------ training forward
     def forward(
         self,
@@ -223,7 +235,8 @@ class LLaDATRMHybrid(PreTrainedModel):
         hidden = self.backbone_hidden_states(**inputs)
         per_step = self.refine_supervised(hidden, inputs["attention_mask"], inputs["chunk_index"], scored, targets,
                                           inputs["position_ids"], return_logits, inputs.get("noisy_copy"),
-                                          self.draft_positions(inputs["input_ids"]))
+                                          self.draft_positions(inputs["input_ids"]),
+                                          inputs["input_ids"] == self.backbone.config.mask_token_id)
         with torch.no_grad():
             hidden_scored = hidden[scored].detach()  # (N, d_model)
             if return_logits:
@@ -259,7 +272,7 @@ class LLaDATRMHybrid(PreTrainedModel):
 
     def refine_supervised(
         self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False,
-        noisy_copy=None, draft_at=None,
+        noisy_copy=None, draft_at=None, input_is_mask=None,
     ) -> list[StepScores]:
         """The head over every chunk for all `max_recursive_steps` steps: each step's scores at the supervised
         positions. Each step is recomputed in the backward pass when `recompute_steps` is on, so activation memory
@@ -269,10 +282,14 @@ class LLaDATRMHybrid(PreTrainedModel):
 
         supervised: (B, L) bool, or (rows, columns) index tensors (the order of the scores). draft_at (B, L) bool
         (`draft_positions`): with draft feedback, each step's argmax enters the next step's x at the supervised
-        positions among them."""
+        positions among them. input_is_mask (B, L) bool: with `intermediate_step_positions` "masked", the steps
+        before the last are scored only there (fused path only; the others read CE, probabilities 0, argmax -100)."""
         config = self.config
         if isinstance(supervised, Tensor):
             supervised = supervised.nonzero(as_tuple=True)
+        narrowed = None  # (M,) indices into the N scored positions of the steps before the last
+        if config.intermediate_step_positions == "masked" and not return_logits and input_is_mask is not None:
+            narrowed = input_is_mask[supervised].nonzero().squeeze(1)
         context = self.head_context(hidden, attention_mask, chunk_index, position_ids, noisy_copy=noisy_copy)
         x = self.head.project_in(hidden)
         hidden_sup = hidden[supervised]
@@ -286,14 +303,16 @@ class LLaDATRMHybrid(PreTrainedModel):
 
         state, draft = self.head.initial_state(x), None
         per_step = []
-        for _ in range(config.max_recursive_steps):
+        for step in range(config.max_recursive_steps):
             if config.detach_between_steps:
                 state = state.detached()
             if config.recompute_steps and self.training and torch.is_grad_enabled():
                 state, scores = checkpoint(one_step, state, draft, use_reentrant=False)
             else:
                 state, scores = one_step(state, draft)
-            if scores is None:
+            if scores is None and narrowed is not None and step < config.max_recursive_steps - 1:
+                scores = self.narrowed_step_scores(hidden_sup, state.y[supervised], targets, narrowed)
+            elif scores is None:
                 scores = self.step_scores_at(hidden_sup, state.y[supervised], targets)
             if drafted is not None:
                 draft = torch.zeros_like(x).index_put(draft_index, self.draft_input(scores.prediction[drafted]).to(x.dtype))
