@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from llada_trm.cli import EXIT_USAGE
+from llada_trm.cli import EXIT_USAGE, split_extra_flags
 from llada_trm.inference.reporting import cell, markdown_table, matplotlib_figure
 from llada_trm.train import USER_ERRORS
 from llada_trm.training.arguments import parse_arguments
@@ -88,14 +88,9 @@ def parse_rungs(text: str) -> list[str]:
 
 def parse_extra(text: str) -> list[str]:
     try:
-        flags = shlex.split(text)
+        return split_extra_flags(text, "--extra", OWNED_FLAGS, "rung")
     except ValueError as error:
-        raise AblationUsageError(f"--extra: {error}") from None
-    owned = sorted({f.split("=", 1)[0] for f in flags} & set(OWNED_FLAGS))
-    if owned:
-        raise AblationUsageError(f"--extra may not set {', '.join(owned)}: the runner sets it for every rung "
-                                 f"(use the runner's own flag where there is one)")
-    return flags
+        raise AblationUsageError(str(error)) from None
 
 
 def rung_argv(rung: str, options: argparse.Namespace, extra: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ turns a user mistake into one line and exit 2.
 """
 
 import argparse
+import shlex
 import sys
 import typing
 from dataclasses import fields
@@ -65,3 +66,17 @@ def decoding_settings(args: argparse.Namespace, **fixed) -> DecodingSettings:
     """The DecodingSettings of the parsed decoding flags, with `fixed` fields set by the program itself."""
     given = {f.name: getattr(args, f.name) for f in fields(DecodingSettings) if hasattr(args, f.name)}
     return DecodingSettings(**{**given, **fixed})
+
+
+def split_extra_flags(text: str, option: str, owned_flags, runs: str) -> list[str]:
+    """The training flags of a runner's `--extra` value (shell quoting). Raises ValueError for bad quoting or for a
+    flag the runner sets itself for every one of its `runs` (the caller turns it into its usage error)."""
+    try:
+        flags = shlex.split(text)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from None
+    owned = sorted({flag.split("=", 1)[0] for flag in flags} & set(owned_flags))
+    if owned:
+        raise ValueError(f"{option} may not set {', '.join(owned)}: the runner sets it for every {runs} "
+                         f"(use the runner's own flag where there is one)")
+    return flags

@@ -36,7 +36,7 @@ from pathlib import Path
 from torch.utils.flop_counter import FlopCounterMode
 
 from llada_trm.ablate import AblationUsageError, prepare_output, read_metrics
-from llada_trm.cli import EXIT_USAGE
+from llada_trm.cli import EXIT_USAGE, split_extra_flags
 from llada_trm.inference.frontier import (
     FRONTIER_HEADER,
     PointError,
@@ -106,14 +106,9 @@ def parse_methods(text: str) -> list[str]:
 def parse_extra(text: str, option: str = "--extra") -> list[str]:
     """The training flags of an --extra value; those the runner sets for every method are refused."""
     try:
-        flags = shlex.split(text)
+        return split_extra_flags(text, option, OWNED_FLAGS, "method")
     except ValueError as error:
-        raise CompareUsageError(f"{option}: {error}") from None
-    owned = sorted({flag.split("=", 1)[0] for flag in flags} & set(OWNED_FLAGS))
-    if owned:
-        raise CompareUsageError(f"{option} may not set {', '.join(owned)}: the runner sets it for every method "
-                                f"(use the runner's own flag)")
-    return flags
+        raise CompareUsageError(str(error)) from None
 
 
 def method_argv(method: str, options: argparse.Namespace) -> list[str]:

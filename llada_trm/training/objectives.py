@@ -109,10 +109,14 @@ class LLaDASFTObjective:
         targets = batch["labels"].where(is_response, batch["input_ids"])
         noisy, is_masked, p_mask = forward_mask(targets, is_response, self.mask_token_id, generator)
         logits = model(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
-        per_sequence_mean = llada_sft_loss(logits, targets, is_masked, p_mask, is_response)
+        mean_loss = self.loss(logits, targets, is_masked, p_mask, is_response)
         count = self.pre_count(batch)
-        loss_sum = per_sequence_mean * count
-        return MicroBatchResult(loss_sum, count, SFTMetrics(per_sequence_mean.detach(), is_masked.sum().float()))
+        return MicroBatchResult(mean_loss * count, count, SFTMetrics(mean_loss.detach(), is_masked.sum().float()))
+
+    @staticmethod
+    def loss(logits: Tensor, targets: Tensor, is_masked: Tensor, p_mask: Tensor, is_response: Tensor) -> Tensor:
+        """The per-sequence mean of CE / p_mask over the response length, batch mean (LLaDA SFT)."""
+        return llada_sft_loss(logits, targets, is_masked, p_mask, is_response)
 
 
 class LLaDAPretrainObjective(LLaDASFTObjective):
@@ -124,16 +128,9 @@ class LLaDAPretrainObjective(LLaDASFTObjective):
     def pre_count(batch: dict) -> Tensor:
         return torch.tensor(float(batch["input_ids"].numel()), device=batch["input_ids"].device)
 
-    def __call__(self, model, batch: dict, generator: torch.Generator | None, token_filters: bool = True
-                 ) -> MicroBatchResult:
-        eligible = batch["labels"] != -100
-        targets = batch["labels"].where(eligible, batch["input_ids"])
-        noisy, is_masked, p_mask = forward_mask(targets, eligible, self.mask_token_id, generator)
-        logits = model(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
-        per_position_mean = llada_pretrain_loss(logits, targets, is_masked, p_mask)
-        count = self.pre_count(batch)
-        return MicroBatchResult(per_position_mean * count, count,
-                                SFTMetrics(per_position_mean.detach(), is_masked.sum().float()))
+    @staticmethod
+    def loss(logits: Tensor, targets: Tensor, is_masked: Tensor, p_mask: Tensor, is_response: Tensor) -> Tensor:
+        return llada_pretrain_loss(logits, targets, is_masked, p_mask)
 
 
 class BlockSFTObjective(LLaDASFTObjective):
