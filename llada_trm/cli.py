@@ -26,7 +26,7 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def add_scoring_flags(parser, backbone_help: str) -> None:
+def add_scoring_flags(parser, backbone_help: str, max_samples: int = 200) -> None:
     """The flags `evaluate` and `frontier` share: the model (--checkpoint or --backbone), the held-out problems and
     the new-token budget."""
     source = parser.add_mutually_exclusive_group(required=True)
@@ -35,7 +35,7 @@ def add_scoring_flags(parser, backbone_help: str) -> None:
     parser.add_argument("--dataset_name", default="synthetic")
     parser.add_argument("--dataset_path", default=None)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--max_samples", type=int, default=200)
+    parser.add_argument("--max_samples", type=int, default=max_samples, help="held-out problems scored")
     # The data's max_length (DataArguments), not the decoder's: problems are prepared as for training.
     parser.add_argument("--max_length", type=int, default=_field_default(DataArguments, "max_length"),
                         help="longest prepared sample in tokens (at most the model's max_sequence_length)")

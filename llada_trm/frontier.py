@@ -45,14 +45,14 @@ class UsageError(Exception):
     """A bad flag value; the message names the flag."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m llada_trm.frontier", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_scoring_flags(parser, "LLaDA model directory or tiny-llada: the backbone decoders only")
+    # 500 problems: most points are one pass per chunk; the sampler's take --sampler_max_samples of them.
+    add_scoring_flags(parser, "LLaDA model directory or tiny-llada: the backbone decoders only", max_samples=500)
     parser.add_argument("--points", default=None,
                         help="comma-separated points (default: all that apply), e.g. sampler/k1,sampler/t0.9,"
                              "chunked/r16,hybrid/t0.9; kN = N tokens per step, rN = N rounds per chunk, tX = threshold")
-    parser.set_defaults(max_samples=500)
     parser.add_argument("--sampler_max_samples", type=int, default=200,
                         help="sampler points score only the first N of the problems (about 16x the cost of one pass "
                              "per chunk)")
@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="runs/frontier", help="where frontier.json and frontier.png go")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--no_progress", action="store_true")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = make_parser()
     args = parser.parse_args(argv)
     for name in ("max_samples", "sampler_max_samples", "max_length", "batch_size", "max_new_tokens"):
         value = getattr(args, name)

@@ -171,7 +171,7 @@ def test_a_yaml_integer_for_a_float_setting_is_a_float(tmp_path):
 def test_every_training_and_decoding_flag_has_exactly_one_default():
     """Walk the parsers: a training flag's default is its dataclass field's, or the embedded profile's; a decoding
     flag of any program that decodes is DecodingSettings' field, default and help."""
-    from llada_trm import evaluate, generate
+    from llada_trm import evaluate, frontier, generate
     from llada_trm.inference.decoding_settings import DecodingSettings
     from llada_trm.training.arguments import PARSED_TYPES
 
@@ -183,10 +183,10 @@ def test_every_training_and_decoding_flag_has_exactly_one_default():
         assert parser.get_default(name) == EMBEDDED_PROFILE.get(name, library[name]), name
     settings = {f.name: f for f in dataclasses.fields(DecodingSettings)}
     decoding_flags = 0
-    for program in (generate, evaluate):
+    for program in (generate, evaluate, frontier):
         program_parser = program.make_parser()
         for action in program_parser._actions:
-            if program is evaluate and action.dest == "max_length":  # the data's setting: problems as in training
+            if program is not generate and action.dest == "max_length":  # the data's setting: problems as in training
                 assert program_parser.get_default("max_length") == library["max_length"]
             elif action.dest in settings:
                 decoding_flags += 1
