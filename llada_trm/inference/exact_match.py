@@ -113,7 +113,7 @@ def decode_flops(decode: Callable[[list[list[int]]], DecodedBatch], prompts: lis
     return counter.get_total_flops() - head_flops, head_flops, sum(batch.new_tokens)
 
 
-def _run(name: str, rows: list[dict], batch_size: int, progress: bool,
+def score_decoder(name: str, rows: list[dict], batch_size: int, progress: bool,
          decode: Callable[[list[list[int]]], DecodedBatch], flop_parts: tuple | None = None,
          flop_sample: int = 0) -> dict:
     """Score `decode` (prompts -> DecodedBatch) over `rows` in batches; with `flop_sample` and `flop_parts`
@@ -194,15 +194,13 @@ def llada_sampler_accuracy(backbone, tokenizer, rows: list[dict], max_new_tokens
                            threshold: float | None = None, flop_sample: int = 0, name: str | None = None) -> dict:
     """Exact match of the backbone with LLaDA's sampler (`sampler_decoder`)."""
     decode = sampler_decoder(backbone, tokenizer, max_new_tokens, block_length, tokens_per_step, threshold)
-    return _run(name or "backbone_llada_sampler", rows, batch_size, progress, decode, (backbone, None), flop_sample)
+    return score_decoder(name or "backbone_llada_sampler", rows, batch_size, progress, decode, (backbone, None), flop_sample)
 
 
-def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, enable_refinement: bool = True,
-                           batch_size: int = 8, progress: bool = True, settings: DecodingSettings | None = None,
-                           flop_sample: int = 0, name: str | None = None, **decode_options) -> dict:
-    """Exact match of an `LLaDATRMHybrid` with `generate_with_refinement`: `settings` (default temperature 0),
-    with `decode_options` (DecodingSettings fields: decode_steps_per_chunk, commit_threshold, ...) on top; the
-    budget and `enable_refinement` are this function's."""
+def chunk_decoder(model, tokenizer, max_new_tokens: int, enable_refinement: bool = True,
+                  settings: DecodingSettings | None = None, **decode_options) -> Callable[[list[list[int]]], DecodedBatch]:
+    """prompts -> DecodedBatch with `generate_with_refinement`: `settings` (default temperature 0), with
+    `decode_options` (DecodingSettings fields) on top; the budget and `enable_refinement` are this function's."""
     decoding = (settings if settings is not None else DecodingSettings()).with_overrides(
         **decode_options, max_new_tokens=max_new_tokens, enable_refinement=enable_refinement, return_trace=True)
 
@@ -213,9 +211,17 @@ def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: i
         return DecodedBatch(out.texts, [len(tokens) for tokens in out.new_tokens], chunks, steps,
                             out.backbone_row_passes)
 
+    return decode
+
+
+def chunk_decoder_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, enable_refinement: bool = True,
+                           batch_size: int = 8, progress: bool = True, settings: DecodingSettings | None = None,
+                           flop_sample: int = 0, name: str | None = None, **decode_options) -> dict:
+    """Exact match of an `LLaDATRMHybrid` with `chunk_decoder`."""
+    decode = chunk_decoder(model, tokenizer, max_new_tokens, enable_refinement, settings, **decode_options)
     default_name = "hybrid_refined" if enable_refinement else "backbone_chunked"
     parts = (model.backbone, model.head if enable_refinement else None)
-    return _run(name or default_name, rows, batch_size, progress, decode, parts, flop_sample)
+    return score_decoder(name or default_name, rows, batch_size, progress, decode, parts, flop_sample)
 
 
 def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size: int, models: dict,

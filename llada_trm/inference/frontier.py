@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llada_trm.inference.exact_match import SAMPLER_MIN_BATCH, chunk_decoder_accuracy, llada_sampler_accuracy
+from llada_trm.inference.exact_match import SAMPLER_MIN_BATCH, chunk_decoder, sampler_decoder, score_decoder
 from llada_trm.inference.reporting import ONE_TOKEN_DROP, aup, cell, markdown_table, matplotlib_figure, tpf_within
 
 DECODER_KINDS = ("sampler", "chunked", "hybrid")
@@ -86,20 +86,25 @@ def parse_points(text: str | None, chunk_size: int, kinds: tuple[str, ...] = DEC
     return points
 
 
+def point_decoder(point: FrontierPoint, model, tokenizer, max_new_tokens: int, block_length: int | None = None):
+    """The decoder of a point, prompts -> DecodedBatch (an `LLaDATRMHybrid`; the sampler runs its backbone in blocks
+    of `block_length`, default the chunk size): the one mapping from point names to decoder settings."""
+    if point.kind == "sampler":
+        return sampler_decoder(model.backbone, tokenizer, max_new_tokens, block_length or model.config.chunk_size,
+                               point.per_step or 1, point.threshold)
+    rounds = {"decode_steps_per_chunk": point.per_step} if point.per_step else {}
+    return chunk_decoder(model, tokenizer, max_new_tokens, enable_refinement=point.kind == "hybrid",
+                         commit_threshold=point.threshold, **rounds)
+
+
 def score_point(point: FrontierPoint, model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 8,
                 flop_sample: int = 0, progress: bool = True) -> dict:
     """One point's exact match, cost and speed on `rows` (an `LLaDATRMHybrid`; the sampler uses its backbone)."""
+    decode = point_decoder(point, model, tokenizer, max_new_tokens)
     if point.kind == "sampler":
-        result = llada_sampler_accuracy(model.backbone, tokenizer, rows, max_new_tokens, model.config.chunk_size,
-                                        batch_size=max(batch_size, SAMPLER_MIN_BATCH), progress=progress,
-                                        tokens_per_step=point.per_step or 1, threshold=point.threshold,
-                                        flop_sample=flop_sample, name=point.name)
-    else:
-        rounds = {"decode_steps_per_chunk": point.per_step} if point.per_step else {}
-        result = chunk_decoder_accuracy(model, tokenizer, rows, max_new_tokens,
-                                        enable_refinement=point.kind == "hybrid", batch_size=batch_size,
-                                        progress=progress, flop_sample=flop_sample, name=point.name,
-                                        commit_threshold=point.threshold, **rounds)
+        batch_size = max(batch_size, SAMPLER_MIN_BATCH)
+    parts = (model.backbone, model.head if point.kind == "hybrid" else None)
+    result = score_decoder(point.name, rows, batch_size, progress, decode, parts, flop_sample)
     return {**asdict(point), **result}
 
 

@@ -35,10 +35,8 @@ from tqdm.auto import tqdm
 
 from llada_trm.data.layout import MARKER, encode_prompt, extract_answer, render_prompt, text_ids
 from llada_trm.inference.checkpoints import InferenceSetupError, load_for_inference
-from llada_trm.inference.chunk_decoding import generate_with_refinement
-from llada_trm.inference.decoding_settings import DecodingSettings
-from llada_trm.inference.exact_match import SAMPLER_MIN_BATCH, sampler_decoder
-from llada_trm.inference.frontier import BACKBONE_KINDS, FrontierPoint, PointError, parse_point
+from llada_trm.inference.exact_match import SAMPLER_MIN_BATCH
+from llada_trm.inference.frontier import BACKBONE_KINDS, FrontierPoint, PointError, parse_point, point_decoder
 from llada_trm.inference.likelihood import is_greedy_continuation, masked_diffusion_loglikelihood
 from llada_trm.inference.sampler import PassCounter
 from llada_trm.model.integrity import CheckpointMismatchError
@@ -326,17 +324,9 @@ class LLaDATRMHarnessModel(LM):
 
     def decode(self, prompts: list[list[int]], budget: int) -> tuple[list[str], list[int], int]:
         """(texts, new tokens per row, backbone row-passes) of one batch with this model's decoder point."""
-        point = self.point
-        if point.kind == "sampler":
-            decode = sampler_decoder(self.model.backbone, self.tokenizer, self._sampler_budget(prompts, budget),
-                                     self.block_length, point.per_step or 1, point.threshold)
-            batch = decode(prompts)
-            return batch.texts, batch.new_tokens, batch.backbone_row_passes
-        rounds = {"decode_steps_per_chunk": point.per_step} if point.per_step else {}
-        settings = DecodingSettings().with_overrides(max_new_tokens=budget, enable_refinement=point.kind == "hybrid",
-                                                     commit_threshold=point.threshold, **rounds)
-        out = generate_with_refinement(self.model, prompts, tokenizer=self.tokenizer, settings=settings)
-        return out.texts, [len(tokens) for tokens in out.new_tokens], out.backbone_row_passes
+        budget = self._sampler_budget(prompts, budget) if self.point.kind == "sampler" else budget
+        batch = point_decoder(self.point, self.model, self.tokenizer, budget, self.block_length)(prompts)
+        return batch.texts, batch.new_tokens, batch.backbone_row_passes
 
     def finish(self, text: str, until: list[str]) -> str:
         """The returned continuation: cut before `until`; in the training layout, `#### answer` after a tagged one."""
