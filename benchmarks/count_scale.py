@@ -126,10 +126,10 @@ def training_counts(config: LLaDAConfig, n_layers: int, recipe: HybridConfig, ar
 
 
 def sft_counts(config: LLaDAConfig, n_layers: int, batch: dict) -> dict[str, FlopSplit]:
-    from peft import LoraConfig, get_peft_model
-
     """Counted on the first row and multiplied by the batch size: the SFT loss's products do not depend on which
     tokens are masked, and the rows have one length, so this is exact (and keeps the (L, V) logits of one row)."""
+    from peft import LoraConfig, get_peft_model
+
     rows = {}
     generator = torch.Generator().manual_seed(0)
     one_row, size = {k: v[:1] for k, v in batch.items()}, len(batch["input_ids"])
@@ -181,7 +181,7 @@ def decoding_counts(config: LLaDAConfig, n_layers: int, recipe: HybridConfig, ar
         sampler = counted(model.backbone, lambda: generate(model.backbone, prompt, steps=blocks, gen_length=n,
                                                            block_length=args.block_length, counter=counter),
                           backward=False)
-        rows[f"LLaDA sampler, one token per step (= one pass, threshold too)"] = sampler / counter.backbone_forwards
+        rows["LLaDA sampler, one token per step (= one pass, threshold too)"] = sampler / counter.backbone_forwards
     return rows
 
 
