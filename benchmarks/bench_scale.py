@@ -88,6 +88,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip_train", action="store_true", help="decoding rows only")
     parser.add_argument("--count_flops", action="store_true",
                         help="print counted FLOPs instead of timings (CPU, shapes only: benchmarks/count_scale.py)")
+    parser.add_argument("--skip_levers", action="store_true",
+                        help="with --count_flops: the 8B config's step alone, not one row per lever changed")
+    parser.add_argument("--recipe", type=Path, default=None,
+                        help="with --count_flops: the training config whose hybrid step is counted (default: the 8B config)")
     parser.add_argument("--count_all_layers", action="store_true",
                         help="with --count_flops: count every layer instead of 1 and 2 extended linearly")
     parser.add_argument("--repeats", type=int, default=3)

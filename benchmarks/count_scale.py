@@ -42,24 +42,35 @@ CONFIG_8B = Path(__file__).resolve().parent.parent / "configs" / "llada8b_natura
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out"]
 
 
-def config_of_8b_recipe(path: Path = CONFIG_8B) -> HybridConfig:
-    """The HybridConfig the training program builds from the 8B config (its backbone is not loaded)."""
-    return hybrid_config(parse_arguments(["--config", str(path)], environ={}).model)
+def config_of_8b_recipe(path: Path | None = None) -> HybridConfig:
+    """The HybridConfig the training program builds from the 8B config, or the config at `path` (its backbone is
+    not loaded)."""
+    return hybrid_config(parse_arguments(["--config", str(path or CONFIG_8B)], environ={}).model)
 
 
 def lever_variants(base: HybridConfig) -> dict[str, dict]:
-    """One lever of the 8B recipe changed at a time: {row name: HybridConfig overrides}."""
+    """One lever of the 8B recipe changed at a time: {row name: HybridConfig overrides}. Unmasked chunks that weigh
+    need their last step scored (final_step_positions all), so the rows that give them weight say so too."""
     steps = base.max_recursive_steps
+    weighs = dict(unmasked_chunk_weight=1.0, final_step_positions="all")
     variants = {f"clean_context {not base.clean_context}": dict(clean_context=not base.clean_context),
                 f"draft_feedback {not base.draft_feedback}": dict(draft_feedback=not base.draft_feedback),
-                f"unmasked_chunk_weight {0.0 if base.unmasked_chunk_weight else 1.0}": dict(
-                    unmasked_chunk_weight=0.0 if base.unmasked_chunk_weight else 1.0)}
+                ("unmasked_chunk_weight 0.0" if base.unmasked_chunk_weight else
+                 "unmasked_chunk_weight 1.0 (final_step_positions all)"): (
+                    dict(unmasked_chunk_weight=0.0) if base.unmasked_chunk_weight else weighs)}
     for fewer in sorted({max(1, steps // 2), max(1, steps // 4)} - {steps}, reverse=True):
         variants[f"max_recursive_steps {fewer}"] = dict(max_recursive_steps=fewer,
                                                         min_recursive_steps=min(base.min_recursive_steps, fewer))
-    other = "masked" if base.intermediate_step_positions == "all" else "all"
-    variants[f"intermediate_step_positions {other}"] = dict(intermediate_step_positions=other)
-    design = dict(clean_context=False, draft_feedback=False, unmasked_chunk_weight=1.0)
+    if (steps, base.latent_steps) != (8, 2):
+        variants["8 refinement steps of 2 latent updates (the design's recursion)"] = dict(
+            max_recursive_steps=8, min_recursive_steps=2, latent_steps=2)
+    for name in ("intermediate_step_positions", "final_step_positions"):
+        other = "masked" if getattr(base, name) == "all" else "all"
+        if other == "all" or name == "intermediate_step_positions" or base.unmasked_chunk_weight == 0:
+            variants[f"{name} {other}"] = {name: other}
+    variants[f"checkpoint_refinement_steps {not base.recompute_steps}"] = dict(
+        checkpoint_refinement_steps=not base.recompute_steps)
+    design = dict(clean_context=False, draft_feedback=False, **weighs)
     if any(getattr(base, k) != v for k, v in design.items()):
         variants["the design's levers (no clean context, no draft feedback, unmasked weight 1)"] = design
     embedded = dict(clean_context=True, draft_feedback=True, unmasked_chunk_weight=0.0)
@@ -118,7 +129,7 @@ def training_counts(config: LLaDAConfig, n_layers: int, recipe: HybridConfig, ar
 
     rows["backbone forward, no grad"] = counted(base, backbone_forward, backward=False)
     rows["hybrid step, 8B config"] = counted(base, lambda: base(**batch).loss, backward=True)
-    for name, overrides in lever_variants(recipe).items():
+    for name, overrides in ({} if args.skip_levers else lever_variants(recipe)).items():
         model = lazy_hybrid(config, n_layers, dataclasses.replace(recipe, **overrides))
         rows[f"  with {name}"] = counted(model, lambda m=model: m(**batch).loss, backward=True)
     rows.update(sft_counts(config, n_layers, batch))
@@ -197,6 +208,18 @@ def print_counts(train: dict[str, FlopSplit], decode: dict[str, FlopSplit], args
         values = "".join(f"{v / 1e12:>{w}.2f}" for v, w in ((s.backbone, 9), (s.head, 8), (s.output_layer, 8),
                                                                  (s.attention, 8), (s.total, 8)))
         print(f"{name:<84}{values}{s.total / forward.total:>7.2f}{s.total / lora.total:>7.2f}{s.saved_mib:>11.1f}")
+    if decode:
+        print_decoding(decode, args)
+    print("\ngoals (issue 31, stated for the 8b shape at batch 4 x (128 + 32 x 16)):")
+    print(f"  hybrid step / LoRA step               {hybrid.total / lora.total:6.2f}   (goal <= 0.5)")
+    print(f"  hybrid step / backbone forward        {hybrid.total / forward.total:6.2f}   (goal <= 1.5)")
+    print(f"  hybrid saved / LoRA saved             {hybrid.saved_mib / max(lora.saved_mib, 1e-9):6.2f}   (goal <= 0.25)")
+    if decode:
+        refined, sampler = (decode[next(k for k in decode if k.startswith(p))] for p in ("hybrid, 1 pass", "LLaDA sampler"))
+        print(f"  refinement token / sampler token      {refined.total / sampler.total:6.4f}   (goal <= {1 / 12:.4f})")
+
+
+def print_decoding(decode: dict[str, FlopSplit], args) -> None:
     sampler = decode[next(k for k in decode if k.startswith("LLaDA sampler"))]
     print(f"\ndecoding, GFLOP per new token (later-pass rows: per pass; batch 1, {args.new_tokens} new tokens after "
           f"a {args.prompt_length}-token prompt)")
@@ -205,18 +228,12 @@ def print_counts(train: dict[str, FlopSplit], decode: dict[str, FlopSplit], args
         values = "".join(f"{v / 1e9:>{w}.2f}" for v, w in ((s.backbone, 9), (s.head, 8), (s.output_layer, 8),
                                                                 (s.attention, 8), (s.total, 8)))
         print(f"{name:<84}{values}{s.total / sampler.total:>11.4f}")
-    refined = decode[next(k for k in decode if k.startswith("hybrid, 1 pass"))]
-    print("\ngoals (issue 31, stated for the 8b shape at batch 4 x (128 + 32 x 16)):")
-    print(f"  hybrid step / LoRA step               {hybrid.total / lora.total:6.2f}   (goal <= 0.5)")
-    print(f"  hybrid step / backbone forward        {hybrid.total / forward.total:6.2f}   (goal <= 1.5)")
-    print(f"  hybrid saved / LoRA saved             {hybrid.saved_mib / max(lora.saved_mib, 1e-9):6.2f}   (goal <= 0.25)")
-    print(f"  refinement token / sampler token      {refined.total / sampler.total:6.4f}   (goal <= {1 / 12:.4f})")
 
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
     config = shape_config(args.shape)
-    recipe = config_of_8b_recipe()
+    recipe = config_of_8b_recipe(args.recipe)
     recipe.max_recursive_steps = args.max_recursive_steps or recipe.max_recursive_steps
     recipe.min_recursive_steps = min(recipe.min_recursive_steps, recipe.max_recursive_steps)
     recipe.resolve_head_shape(config.d_model)
@@ -227,10 +244,10 @@ def main(args) -> None:
           f"{recipe.unmasked_chunk_weight}\n")
     if args.count_all_layers:
         train = training_counts(config, config.n_layers, recipe, args)
-        decode = decoding_counts(config, config.n_layers, recipe, args)
+        decode = {} if args.skip_decode else decoding_counts(config, config.n_layers, recipe, args)
     else:
         train = extrapolate(lambda k, v: training_counts(reduced(config, k, v), k, recipe, args),
                             config.n_layers, config.vocab_size)
-        decode = extrapolate(lambda k, v: decoding_counts(reduced(config, k, v), k, recipe, args),
-                             config.n_layers, config.vocab_size)
+        decode = {} if args.skip_decode else extrapolate(
+            lambda k, v: decoding_counts(reduced(config, k, v), k, recipe, args), config.n_layers, config.vocab_size)
     print_counts(train, decode, args)

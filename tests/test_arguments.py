@@ -91,8 +91,9 @@ def test_llada8b_config_keeps_the_8b_sizes_without_the_embedded_profile():
     path = str(CONFIGS / "llada8b_natural_reasoning.yaml")
     args = parse_arguments(["--config", path], environ={})
     m, t = args.model, args.train
-    assert (m.max_recursive_steps, m.min_recursive_steps, m.latent_steps) == (8, 2, 2)
-    assert m.checkpoint_refinement_steps is True
+    assert (m.max_recursive_steps, m.min_recursive_steps, m.latent_steps) == (2, 1, 1)
+    assert (m.intermediate_step_positions, m.final_step_positions) == ("masked", "masked")
+    assert m.checkpoint_refinement_steps is True and m.head_hidden_size is None  # the profile's is 64
     assert (m.deep_supervision_weight, m.partial_chunk_masking) == (0.3, False)
     assert (t.eval_decode_steps_per_chunk, t.batch_size, t.learning_rate) == (1, 4, 3e-4)
     assert (m.model_name_or_path, args.data.dataset_name) == ("GSAI-ML/LLaDA-8B-Instruct", "natural_reasoning")

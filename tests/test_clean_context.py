@@ -136,9 +136,47 @@ def test_hybrid_copies_only_masked_chunks_and_scores_as_if_every_chunk_were_copi
 
     unpacked_pair = hybrid_module.clean_context_pair
     monkeypatch.setattr(hybrid_module, "clean_context_pair",
-                        lambda clean, noisy, mask, chunks, positions=None, copied=None:
+                        lambda clean, noisy, mask, chunks, positions=None, copied=None, kept=None:
                         unpacked_pair(clean, noisy, mask, chunks, positions))
     every_chunk = model(**batch, return_logits=True)
     assert widths[-1] == 2 * length
     for name in ("step_logits", "step_token_loss", "final_predictions", "backbone_token_loss", "loss"):
         torch.testing.assert_close(getattr(packed, name), getattr(every_chunk, name), **CLOSE)
+
+
+@pytest.mark.parametrize("draft_feedback", [False, True])
+def test_hybrid_scoring_only_masked_inputs_leaves_out_what_no_scored_position_reads(draft_feedback):
+    """With every step scored at masked inputs only (intermediate and final_step_positions "masked", unmasked weight
+    0), training packs each row to its real clean positions before its last masked chunk plus its copies: padding
+    and the clean chunks from the last masked one on are left out. The loss, the head's gradients and every score
+    at a masked position equal the full layout's."""
+    from support import make_batch, make_hybrid
+
+    settings = dict(clean_context=True, draft_feedback=draft_feedback, unmasked_chunk_weight=0.0,
+                    intermediate_step_positions="masked")
+    full, packed = (make_hybrid(**settings, final_step_positions=final).train() for final in ("all", "masked"))
+    # Row 0: its last chunk unmasked; row 1: one masked chunk first; row 2: the masked chunk before two unmasked.
+    batch = make_batch([5, 3, 6], [3, 2, 4], 4, masked=[[0, 2], [0], [1]])
+    widths = []
+    for model in (full, packed):
+        model.backbone.register_forward_hook(
+            lambda module, args, kwargs, out: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    outputs = []
+    for model in (full, packed):
+        out = model(**batch)
+        out.loss.backward()
+        outputs.append((out, {n: p.grad for n, p in model.head.named_parameters() if p.grad is not None}))
+    (reference, reference_grads), (cut, cut_grads) = outputs
+    length = batch["input_ids"].shape[1]
+    # real clean positions kept + copies: row 0 5 + 8 + 8, row 1 3 + 4, row 2 6 + 4 + 4; the full layout L + 8
+    assert widths == [length + 8, 21]
+    masked = (batch["input_ids"] == 2) & (batch["labels"] != -100)
+    for name in ("step_token_loss", "final_predictions", "backbone_token_loss"):
+        torch.testing.assert_close(getattr(cut, name)[..., masked], getattr(reference, name)[..., masked], **CLOSE)
+    torch.testing.assert_close(cut.loss, reference.loss, **CLOSE)
+    assert cut_grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(cut_grads[name], grad, **CLOSE)
+    with torch.no_grad():  # evaluation scores every position, in the full layout
+        packed.eval()(**batch)
+    assert widths[-1] == length + 8

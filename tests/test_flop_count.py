@@ -15,6 +15,7 @@ from llada_trm.data.collator import positions_in_masked_chunks
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.modeling_llada import LLaDAModelLM
+from llada_trm.training.arguments import UsageError, parse_arguments
 from conftest import make_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -119,7 +120,7 @@ def test_extrapolation_equals_a_count_of_every_layer_at_the_full_vocabulary():
     recipe = dataclasses.replace(count_scale.config_of_8b_recipe(), max_recursive_steps=2, min_recursive_steps=1,
                                  head_hidden_size=16)
     recipe.resolve_head_shape(config.d_model)
-    args = argparse.Namespace(batch_size=2, prompt_length=16, num_chunks=2, new_tokens=32, block_length=32)
+    args = argparse.Namespace(batch_size=2, prompt_length=16, num_chunks=2, new_tokens=32, block_length=32, skip_levers=False)
     for counter in (count_scale.training_counts, count_scale.decoding_counts):
         full = counter(config, 4, recipe, args)
         scaled = extrapolate(lambda k, v: counter(count_scale.reduced(config, k, v), k, recipe, args), 4, 64,
@@ -172,3 +173,66 @@ def test_intermediate_steps_on_masked_positions_keep_the_last_step_exact(setting
     assert (cut.step_token_loss[0][masked_input] > 0).all()
     counts = [count_flops(lambda m=m: m(**b).loss.backward(), parts_of(m)) for m in (reference, narrowed)]
     assert counts[1].output_layer < counts[0].output_layer and counts[1].head <= counts[0].head
+
+
+@pytest.mark.parametrize("settings", [{}, dict(clean_context=True, draft_feedback=True)])
+def test_last_step_on_masked_positions_keeps_the_loss_and_its_gradients(settings):
+    """`final_step_positions: masked` (with unmasked weight 0, which it requires) scores the last step and the
+    backbone at masked inputs only, in training: there the CE equals a plain float32 cross-entropy of the full
+    model's logits; the loss and the head's gradients equal scoring every position; the metrics are taken over the
+    scored positions and the unmasked-chunk loss is left out; evaluation mode scores every position again."""
+    b = batch()
+    torch.manual_seed(1)
+    common = dict(unmasked_chunk_weight=0.0, intermediate_step_positions="masked", **settings)
+    reference = hybrid(lazy=False, **common)
+    narrowed = hybrid(lazy=False, final_step_positions="masked", **common)
+    narrowed.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        plain = reference(**b, return_logits=True)
+    supervised = b["labels"] != -100
+    masked_input = (b["input_ids"] == 63) & supervised
+    cross_entropy = torch.nn.functional.cross_entropy
+    plain_last = cross_entropy(plain.step_logits[-1][masked_input].float(), b["labels"][masked_input], reduction="none")
+    plain_backbone = cross_entropy(plain.backbone_logits[masked_input].float(), b["labels"][masked_input],
+                                   reduction="none")
+    outputs = []
+    for model in (reference, narrowed):
+        model.zero_grad()
+        out = model(**b)
+        out.loss.backward()
+        outputs.append((out, {n: p.grad.clone() for n, p in model.head.named_parameters() if p.grad is not None}))
+    (full, full_grads), (cut, cut_grads) = outputs
+    torch.testing.assert_close(cut.step_token_loss[-1][masked_input], plain_last, rtol=1e-5, atol=1e-6)
+    assert (cut.step_token_loss[-1][supervised & ~masked_input] == 0).all()
+    assert torch.equal(cut.step_scored[-1], masked_input) and torch.equal(full.step_scored[-1], supervised)
+    torch.testing.assert_close(cut.loss, full.loss, rtol=1e-6, atol=1e-7)
+    assert cut_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(cut_grads[name], full_grads[name], rtol=1e-5, atol=1e-7)
+    metrics = cut.metrics.as_dict()
+    assert "unmasked_chunk_loss" not in metrics and "unmasked_chunk_loss" in full.metrics.as_dict()
+    torch.testing.assert_close(metrics["last_step_loss"], plain_last.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["backbone_loss"], plain_backbone.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["masked_chunk_loss"], full.metrics.masked_chunk_loss, rtol=1e-6, atol=1e-7)
+    counts = [count_flops(lambda m=m: m(**b).loss.backward(), parts_of(m)) for m in (reference, narrowed)]
+    assert counts[1].output_layer < counts[0].output_layer
+    with torch.no_grad():
+        evaluated = narrowed.eval()(**b)
+    assert torch.equal(evaluated.step_scored[-1], supervised)
+    torch.testing.assert_close(evaluated.step_token_loss[-1][supervised], plain.step_token_loss[-1][supervised],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_last_step_on_masked_positions_is_refused_where_unmasked_positions_weigh():
+    """A usage error naming the flags: unmasked chunks that weigh, truncation or token weighting (which read the
+    last step's loss at every supervised position), or an unknown value."""
+    narrowed = ["--final_step_positions", "masked"]
+    with pytest.raises(UsageError, match="--final_step_positions masked .* needs --unmasked_chunk_weight 0"):
+        parse_arguments(narrowed + ["--unmasked_chunk_weight", "0.5"], environ={})
+    with pytest.raises(UsageError, match="TRUNCATION_ENABLE"):
+        parse_arguments(narrowed, environ={"TRUNCATION_ENABLE": "1"})
+    with pytest.raises(UsageError, match="--loss_weighting"):
+        parse_arguments(narrowed + ["--loss_weighting", "dft"], environ={})
+    with pytest.raises(UsageError, match="--final_step_positions must be one of all, masked"):
+        parse_arguments(["--final_step_positions", "last"], environ={})
+    assert parse_arguments(narrowed, environ={}).model.final_step_positions == "masked"  # the profile weighs 0

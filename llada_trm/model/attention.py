@@ -13,6 +13,7 @@ shows it, with every chunk of a sequence trained in one pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,39 +76,55 @@ class KVCache:
         )
 
 
-def clean_context_pair(clean: Tensor, noisy: Tensor, attention_mask: Tensor, chunk_index: Tensor,
-                       position_ids: Tensor | None = None, copied: Tensor | None = None) -> tuple[dict, Tensor]:
-    """Model inputs (B, L + M) of clean-context training: `clean` (B, L), then the noisy copy, taken from `noisy`
-    with the same chunk indices and positions. Also returns slot (B, L): the input column of each position's noisy
-    copy, -1 where there is none.
+class CleanContextLayout(NamedTuple):
+    inputs: dict  # model inputs (B, W) with `noisy_copy`
+    copy_column: Tensor  # (B, L) the input column of each position's noisy copy, -1 where there is none
+    clean_column: Tensor  # (B, L) the input column of each position's clean run, -1 where it was left out
 
-    copied None: the copy is all of `noisy` (M = L, column L + t holds position t), its prompt and pad positions
+
+def clean_context_pair(clean: Tensor, noisy: Tensor, attention_mask: Tensor, chunk_index: Tensor,
+                       position_ids: Tensor | None = None, copied: Tensor | None = None,
+                       kept: Tensor | None = None) -> CleanContextLayout:
+    """Model inputs of clean-context training: the clean sequence `clean` (B, L), then a noisy copy taken from
+    `noisy` with the same chunk indices and positions.
+
+    copied None: the copy is all of `noisy` (W = 2L, column L + t holds position t), its prompt and pad positions
     padding. copied (B, L) bool, whole chunks: only those reasoning positions are copied, packed to the left and
-    right-padded to the longest row's M. Only chunks that hold a mask token need a copy: an unmasked chunk's copy
+    right-padded to the longest row. Only chunks that hold a mask token need a copy: an unmasked chunk's copy
     equals its clean run (same tokens, positions and context), so leaving it out saves its compute and changes
     no output.
+
+    kept (B, L) bool, with `copied`: only these real clean positions are taken, and each row is its kept clean
+    positions, then its copies, packed left and right-padded to the longest row. When only the copies are scored,
+    a clean position is read only by the chunks after it: those after a row's last copied chunk (and padding) are
+    read by nothing and can be left out. Attention and RoPE go by chunk index, position and `noisy_copy`, never
+    by column, so the order of the columns changes no output.
     """
     batch, length = clean.shape
     if position_ids is None:
         position_ids = torch.arange(length, device=clean.device).expand(batch, length)
     reasoning = chunk_index >= 0
+    sources = dict(input_ids=(clean, noisy), attention_mask=(attention_mask, attention_mask * reasoning),
+                   chunk_index=(chunk_index, chunk_index), position_ids=(position_ids, position_ids))
     if copied is None:
-        copy = dict(input_ids=noisy, attention_mask=attention_mask * reasoning, chunk_index=chunk_index,
-                    position_ids=position_ids)
-        slot = torch.where(reasoning, torch.arange(length, device=clean.device) + length, -1)
+        inputs = {name: torch.cat((first, second.to(first.dtype)), dim=1) for name, (first, second) in sources.items()}
+        inputs["noisy_copy"] = (torch.arange(2 * length, device=clean.device) >= length).expand(batch, 2 * length)
+        positions = torch.arange(length, device=clean.device).expand(batch, length)
+        return CleanContextLayout(inputs, torch.where(reasoning, positions + length, -1), positions)
+    if kept is None:
+        kept = torch.ones_like(reasoning)
     else:
-        copied = copied & reasoning
-        width = int(copied.sum(dim=1).max()) if batch else 0
-        # Copied positions first, in order, then the rest (a stable sort on "not copied"); the rest is padding.
-        order = torch.sort((~copied).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (B, M)
-        padding = ~copied.gather(1, order)
-        copy = dict(input_ids=noisy.gather(1, order).masked_fill(padding, 0), attention_mask=(~padding).long(),
-                    chunk_index=chunk_index.gather(1, order).masked_fill(padding, -1),
-                    position_ids=position_ids.gather(1, order).masked_fill(padding, 0))
-        slot = torch.where(copied, length + copied.long().cumsum(dim=1) - 1, -1)
-    total = length + copy["input_ids"].shape[1]
-    inputs = {name: torch.cat((value, copy[name].to(value.dtype)), dim=1) for name, value in
-              dict(input_ids=clean, attention_mask=attention_mask, chunk_index=chunk_index,
-                   position_ids=position_ids).items()}
-    inputs["noisy_copy"] = (torch.arange(total, device=clean.device) >= length).expand(batch, total)
-    return inputs, slot
+        kept = kept & attention_mask.bool()
+    taken = torch.cat((kept, copied & reasoning), dim=1)  # (B, 2L): clean sources, then noisy ones
+    width = int(taken.sum(dim=1).max()) if batch else 0
+    # Taken sources first, in order (a stable sort on "not taken"); the rest is padding.
+    order = torch.sort((~taken).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (B, W)
+    padding = ~taken.gather(1, order)
+    fill = dict(input_ids=0, attention_mask=0, chunk_index=-1, position_ids=0)
+    inputs = {name: torch.cat((first, second.to(first.dtype)), dim=1).gather(1, order).masked_fill(padding, fill[name])
+              for name, (first, second) in sources.items()}
+    inputs["noisy_copy"] = (order >= length) & ~padding
+    column = order.new_full((batch, 2 * length), -1).scatter_(
+        1, order, torch.arange(width, device=clean.device).expand(batch, width))
+    column = column.masked_fill(~taken, -1)
+    return CleanContextLayout(inputs, column[:, length:], column[:, :length])

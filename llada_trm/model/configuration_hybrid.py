@@ -11,7 +11,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 STEP_WEIGHTINGS = ("linear", "uniform")
-INTERMEDIATE_STEP_POSITIONS = ("all", "masked")
+SCORED_POSITIONS = ("all", "masked")
 
 
 class HybridConfigError(ValueError):
@@ -61,7 +61,11 @@ class HybridConfig(PreTrainedConfig):
     # The LM head (d_model x vocabulary) at every step is most of a step's cost at 8B (docs/performance.md).
     intermediate_step_positions: str = _setting("all", (
         "where the steps before the last are scored: all supervised positions, or `masked` (those whose input is "
-        "the mask token; the last step always scores all)"))
+        "the mask token; the last step: --final_step_positions)"))
+    final_step_positions: str = _setting("all", (
+        "where the last step is scored in training: all supervised positions, or `masked` (those whose input is "
+        "the mask token; needs unmasked_chunk_weight 0, where the others weigh nothing, so the loss is unchanged; "
+        "held-out evaluation scores all)"))
 
     def resolve_head_shape(self, backbone_d_model: int) -> None:
         """Fill the derived head sizes from the backbone width (once, before the head is built)."""
@@ -96,11 +100,14 @@ class HybridConfig(PreTrainedConfig):
             raise HybridConfigError(
                 f"`step_weighting` must be one of {', '.join(STEP_WEIGHTINGS)}, got {self.step_weighting!r}"
             )
-        if self.intermediate_step_positions not in INTERMEDIATE_STEP_POSITIONS:
+        for name in ("intermediate_step_positions", "final_step_positions"):
+            if getattr(self, name) not in SCORED_POSITIONS:
+                raise HybridConfigError(
+                    f"`{name}` must be one of {', '.join(SCORED_POSITIONS)}, got {getattr(self, name)!r}")
+        if self.final_step_positions == "masked" and self.unmasked_chunk_weight != 0:
             raise HybridConfigError(
-                f"`intermediate_step_positions` must be one of {', '.join(INTERMEDIATE_STEP_POSITIONS)}, "
-                f"got {self.intermediate_step_positions!r}"
-            )
+                f"`final_step_positions` masked leaves the unmasked positions out of the loss: it needs "
+                f"`unmasked_chunk_weight` 0, got {self.unmasked_chunk_weight}")
         for name in ("deep_supervision_weight", "unmasked_chunk_weight", "refine_confidence_threshold"):
             if getattr(self, name) < 0:
                 raise HybridConfigError(f"`{name}` must be non-negative, got {getattr(self, name)}")

@@ -36,7 +36,8 @@ HEAD_WEIGHTS = "model.safetensors"
 @dataclass
 class HybridOutput(ModelOutput):
     loss: Tensor | None = None  # deep-supervision loss normalised over this batch (tau = 1, w = 1)
-    step_token_loss: Tensor | None = None  # (S, B, L) CE per step, 0 where unsupervised; attached to the graph
+    step_token_loss: Tensor | None = None  # (S, B, L) CE per step, 0 where not scored; attached to the graph
+    step_scored: Tensor | None = None  # (S, B, L) bool: where each step was scored (intermediate/final_step_positions)
     supervised_mask: Tensor | None = None  # (B, L) reasoning tokens, EOS included
     masked_positions: Tensor | None = None  # (B, L) supervised tokens whose input is the mask token
     chunk_weight: Tensor | None = None  # (B, L) c_t, 0 where unsupervised
@@ -54,9 +55,12 @@ class HybridOutput(ModelOutput):
 @dataclass
 class StepScores(TokenScores):
     """One refinement step (or the backbone alone) at the N scored positions: CE, p(label), max probability and
-    argmax (TokenScores), and the (N, V) logits when they were asked for."""
+    argmax (TokenScores), and the (N, V) logits when they were asked for. `scored` (N,) bool says where the step was
+    scored when that is not everywhere (intermediate/final_step_positions "masked"); elsewhere CE and probabilities
+    are 0 and the argmax -100."""
 
     logits: Tensor | None = None
+    scored: Tensor | None = None
 
     @classmethod
     def of_logits(cls, logits: Tensor, targets: Tensor | None) -> "StepScores":
@@ -73,6 +77,17 @@ class StepScores(TokenScores):
     def of_token_scores(cls, scores: TokenScores) -> "StepScores":
         return cls(scores.ce, scores.label_prob, scores.max_prob, scores.prediction)
 
+    def spread(self, rows: Tensor, count: int) -> "StepScores":
+        """Scores of the positions `rows` of N = `count` (this one's), spread back to N: CE and probabilities 0 and
+        argmax -100 elsewhere (the CE there adds nothing to the loss and gets no gradient)."""
+
+        def spread(values: Tensor, fill) -> Tensor:
+            return values.new_full((count,), fill).index_put((rows,), values)
+
+        scored = torch.zeros(count, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
+        return StepScores(spread(self.ce, 0.0), spread(self.label_prob, 0.0), spread(self.max_prob, 0.0),
+                          spread(self.prediction, -100), scored=scored)
+
 
 @dataclass
 class HybridMetrics:
@@ -85,7 +100,7 @@ class HybridMetrics:
     last_step_loss: Tensor
     masked_chunk_loss: Tensor
     masked_chunk_accuracy: Tensor
-    unmasked_chunk_loss: Tensor
+    unmasked_chunk_loss: Tensor | None
     backbone_loss: Tensor
     # the fair comparison of masked_chunk_loss: decoding reads the head only where the input is masked
     backbone_masked_chunk_loss: Tensor
@@ -94,7 +109,9 @@ class HybridMetrics:
     mean_steps_to_confidence: Tensor
 
     def as_dict(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The numbers that were measured: None (unmasked_chunk_loss when the last step scores masked positions
+        only) is left out, so it never reads as a zero loss."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 class LLaDATRMHybrid(PreTrainedModel):
@@ -197,16 +214,23 @@ class LLaDATRMHybrid(PreTrainedModel):
         return StepScores.of_token_scores(lm_head_scores((hidden + self.head.out_proj(y)).to(weight.dtype), weight, targets))
 
     def narrowed_step_scores(self, hidden: Tensor, y: Tensor, targets: Tensor | None, rows: Tensor) -> StepScores:
-        """`step_scores_at` of the (N,) positions at `rows` only, spread back to N: CE and probabilities 0 and argmax
-        -100 elsewhere (the CE there adds nothing to the loss and gets no gradient)."""
+        """`step_scores_at` of the (N,) positions at `rows` only, spread back to N (`StepScores.spread`)."""
         part = self.step_scores_at(hidden[rows], y[rows], targets[rows] if targets is not None else None)
-        count = hidden.shape[0]
+        return part.spread(rows, hidden.shape[0])
 
-        def spread(values: Tensor, fill) -> Tensor:
-            return values.new_full((count,), fill).index_put((rows,), values)
-
-        return StepScores(spread(part.ce, 0.0), spread(part.label_prob, 0.0), spread(part.max_prob, 0.0),
-                          spread(part.prediction, -100))
+    def backbone_scores(self, hidden_scored: Tensor, targets: Tensor | None, scored: Tensor | None,
+                        return_logits: bool) -> StepScores:
+        """The backbone alone at the N scored positions, without gradient; where the last step was scored only in
+        part (`scored`, (N,) bool), there only: its LM head is as costly as a step's."""
+        with torch.no_grad():
+            if return_logits:
+                return StepScores.of_logits(self.backbone.lm_head(hidden_scored), targets)
+            weight = self.backbone.get_output_embeddings().weight
+            if scored is None:
+                return StepScores.of_token_scores(lm_head_scores(hidden_scored, weight, targets))
+            rows = scored.nonzero().squeeze(1)
+            part = lm_head_scores(hidden_scored[rows], weight, targets[rows] if targets is not None else None)
+            return StepScores.of_token_scores(part).spread(rows, hidden_scored.shape[0])
 
     # ------------------------------------------------------------------ training forward
     def forward(
@@ -229,33 +253,42 @@ class LLaDATRMHybrid(PreTrainedModel):
                       position_ids=position_ids)
         # Where the scores are taken in the model's input, in the order of `supervised`: (rows, columns).
         if self.config.clean_context:
-            inputs, scored = self.clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids)
+            inputs, scored = self.clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids,
+                                                       drop_unread=self.scores_masked_inputs_only(return_logits))
         else:
             scored = supervised.nonzero(as_tuple=True)
         hidden = self.backbone_hidden_states(**inputs)
+        # A padding column never counts as masked: a position left out of the layout reads column 0.
+        input_is_mask = inputs["input_ids"] == self.backbone.config.mask_token_id
+        if inputs["attention_mask"] is not None:
+            input_is_mask = input_is_mask & inputs["attention_mask"].bool()
         per_step = self.refine_supervised(hidden, inputs["attention_mask"], inputs["chunk_index"], scored, targets,
                                           inputs["position_ids"], return_logits, inputs.get("noisy_copy"),
-                                          self.draft_positions(inputs["input_ids"]),
-                                          inputs["input_ids"] == self.backbone.config.mask_token_id)
-        with torch.no_grad():
-            hidden_scored = hidden[scored].detach()  # (N, d_model)
-            if return_logits:
-                backbone = StepScores.of_logits(self.backbone.lm_head(hidden_scored), targets)
-            else:
-                weight = self.backbone.get_output_embeddings().weight
-                backbone = StepScores.of_token_scores(lm_head_scores(hidden_scored, weight, targets))
+                                          input_is_mask if self.config.draft_feedback else None, input_is_mask)
+        backbone = self.backbone_scores(hidden[scored].detach(), targets, per_step[-1].scored, return_logits)
         return self._assemble_output(
             per_step, backbone, supervised=supervised, chunk_index=chunk_index, chunk_is_masked=chunk_is_masked,
             position_is_masked=input_ids == self.backbone.config.mask_token_id, labels=labels,
         )
 
-    def clean_context_inputs(self, input_ids, attention_mask, chunk_index, labels, position_ids=None
-                             ) -> tuple[dict, tuple[Tensor, Tensor]]:
+    def scores_masked_inputs_only(self, return_logits: bool = False) -> bool:
+        """Whether this forward scores every step at masked inputs only (intermediate_step_positions and
+        final_step_positions "masked", in training, fused scores)."""
+        config = self.config
+        return (self.training and not return_logits and config.final_step_positions == "masked"
+                and (config.intermediate_step_positions == "masked" or config.max_recursive_steps == 1))
+
+    def clean_context_inputs(self, input_ids, attention_mask, chunk_index, labels, position_ids=None,
+                             drop_unread: bool = False) -> tuple[dict, tuple[Tensor, Tensor]]:
         """Backbone inputs (B, L + M) of clean-context training: the clean sequence (labels filled in), then a
         noisy copy of the collator's chunks that hold a mask token (model/attention.py), so a masked chunk sees
         the prompt and the clean chunks before it, as the chunk decoder shows it. An unmasked chunk has no copy:
         it is scored in the clean sequence, where it sees what its copy would. Returns the inputs and the
-        (rows, columns) of the supervised positions (labels != -100, in their order) in them."""
+        (rows, columns) of the supervised positions (labels != -100, in their order) in them.
+
+        drop_unread (when only the copies are scored): the clean positions from a row's last copied chunk on, and
+        padding, are read by no scored position and are left out; each row is then packed to (B, W), W the longest
+        row's kept positions plus copies. A left-out position's column is 0 (it is never scored)."""
         if labels is None:
             raise ValueError("clean_context needs `labels`: the clean copy is built from them")
         if attention_mask is None:
@@ -265,10 +298,15 @@ class LLaDATRMHybrid(PreTrainedModel):
         chunk_has_mask = torch.zeros(input_ids.shape[0], max(int(chunk_index.max()) + 1, 1), device=input_ids.device)
         chunk_has_mask = chunk_has_mask.scatter_add_(1, chunk_index.clamp(min=0), is_mask.float()) > 0  # (B, K)
         copied = positions_in_masked_chunks(chunk_index, chunk_has_mask)
-        inputs, slot = clean_context_pair(clean, input_ids, attention_mask, chunk_index, position_ids, copied)
+        kept = None
+        if drop_unread:
+            chunk_numbers = torch.arange(chunk_has_mask.shape[1], device=input_ids.device)
+            last_copied = torch.where(chunk_has_mask, chunk_numbers, -1).max(dim=1).values  # (B,), -1: none
+            kept = chunk_index < last_copied[:, None]  # the prompt (-1) and the chunks before the last copied one
+        layout = clean_context_pair(clean, input_ids, attention_mask, chunk_index, position_ids, copied, kept)
         rows, columns = (labels != -100).nonzero(as_tuple=True)
-        copy_column = slot[rows, columns]
-        return inputs, (rows, torch.where(copy_column >= 0, copy_column, columns))
+        copy_column, clean_column = layout.copy_column[rows, columns], layout.clean_column[rows, columns]
+        return layout.inputs, (rows, torch.where(copy_column >= 0, copy_column, clean_column.clamp(min=0)))
 
     def refine_supervised(
         self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False,
@@ -283,12 +321,16 @@ class LLaDATRMHybrid(PreTrainedModel):
         supervised: (B, L) bool, or (rows, columns) index tensors (the order of the scores). draft_at (B, L) bool
         (`draft_positions`): with draft feedback, each step's argmax enters the next step's x at the supervised
         positions among them. input_is_mask (B, L) bool: with `intermediate_step_positions` "masked", the steps
-        before the last are scored only there (fused path only; the others read CE, probabilities 0, argmax -100)."""
+        before the last are scored only there, and with `final_step_positions` "masked" the last step too, in
+        training (fused path only; the others read CE, probabilities 0, argmax -100)."""
         config = self.config
         if isinstance(supervised, Tensor):
             supervised = supervised.nonzero(as_tuple=True)
-        narrowed = None  # (M,) indices into the N scored positions of the steps before the last
-        if config.intermediate_step_positions == "masked" and not return_logits and input_is_mask is not None:
+        last = config.max_recursive_steps - 1
+        narrow_step = [config.intermediate_step_positions == "masked"] * last
+        narrow_step.append(config.final_step_positions == "masked" and self.training)
+        narrowed = None  # (M,) indices into the N scored positions: those of the narrowed steps
+        if any(narrow_step) and not return_logits and input_is_mask is not None:
             narrowed = input_is_mask[supervised].nonzero().squeeze(1)
         context = self.head_context(hidden, attention_mask, chunk_index, position_ids, noisy_copy=noisy_copy)
         x = self.head.project_in(hidden)
@@ -310,7 +352,7 @@ class LLaDATRMHybrid(PreTrainedModel):
                 state, scores = checkpoint(one_step, state, draft, use_reentrant=False)
             else:
                 state, scores = one_step(state, draft)
-            if scores is None and narrowed is not None and step < config.max_recursive_steps - 1:
+            if scores is None and narrowed is not None and narrow_step[step]:
                 scores = self.narrowed_step_scores(hidden_sup, state.y[supervised], targets, narrowed)
             elif scores is None:
                 scores = self.step_scores_at(hidden_sup, state.y[supervised], targets)
@@ -340,12 +382,15 @@ class LLaDATRMHybrid(PreTrainedModel):
             chunk_index, chunk_is_masked, config.deep_supervision_weight, config.unmasked_chunk_weight,
             position_is_masked,
         ) * supervised
+        step_scored = torch.stack([supervised if step.scored is None else spread(step.scored) for step in per_step])
         confidence = torch.stack(
-            [self._chunk_mean(spread(step.max_prob), supervised, chunk_index, num_chunks) for step in per_step]
+            [self._chunk_mean(spread(step.max_prob), scored, chunk_index, num_chunks)
+             for step, scored in zip(per_step, step_scored)]
         )
         with_logits = backbone.logits is not None
         output = HybridOutput(
             step_token_loss=torch.stack([spread(step.ce) for step in per_step]),
+            step_scored=step_scored,
             supervised_mask=supervised,
             masked_positions=position_is_masked & supervised,
             chunk_weight=chunk_weight,
@@ -360,15 +405,15 @@ class LLaDATRMHybrid(PreTrainedModel):
         )
         if labels is not None:
             output.loss, _ = hybrid_loss(output, config.step_weighting)
-            output.metrics = micro_batch_metrics(output, labels)
+            output.metrics = micro_batch_metrics(output, labels, last_scores_all=per_step[-1].scored is None)
         return output
 
     @staticmethod
-    def _chunk_mean(values: Tensor, supervised: Tensor, chunk_index: Tensor, num_chunks: int) -> Tensor:
-        """Mean of (B, L) values over each chunk's supervised tokens -> (B, K)."""
+    def _chunk_mean(values: Tensor, scored: Tensor, chunk_index: Tensor, num_chunks: int) -> Tensor:
+        """Mean of (B, L) values over each chunk's scored tokens -> (B, K) (0 for a chunk with none)."""
         batch = values.shape[0]
         slot = chunk_index.clamp(min=0) + num_chunks * torch.arange(batch, device=values.device)[:, None]
-        weight = supervised.float()
+        weight = scored.float()
         sums = torch.zeros(batch * num_chunks, device=values.device).index_add_(0, slot.flatten(), (values * weight).flatten())
         counts = torch.zeros(batch * num_chunks, device=values.device).index_add_(0, slot.flatten(), weight.flatten())
         return (sums / counts.clamp(min=1)).view(batch, num_chunks)
@@ -452,24 +497,27 @@ class LLaDATRMHybrid(PreTrainedModel):
         return generate(self.backbone, prompt, **kwargs)
 
 
-def micro_batch_metrics(output: HybridOutput, labels: Tensor) -> HybridMetrics:
-    """HybridMetrics of one micro-batch, computed on the device without a host sync."""
+def micro_batch_metrics(output: HybridOutput, labels: Tensor, last_scores_all: bool = True) -> HybridMetrics:
+    """HybridMetrics of one micro-batch, computed on the device without a host sync. last_scores_all: the last step
+    was scored at every supervised position (else the unmasked-chunk loss is not measured)."""
     with torch.no_grad():
         supervised = output.supervised_mask
         in_masked_chunk = output.masked_positions
-        last = output.step_token_loss[-1]
+        last, first_scored, last_scored = output.step_token_loss[-1], output.step_scored[0], output.step_scored[-1]
+        unmasked = supervised & ~in_masked_chunk
 
         def mean_over(values: Tensor, where: Tensor) -> Tensor:
             return (values * where).sum() / where.sum().clamp(min=1)
 
         return HybridMetrics(
             loss=output.loss.detach().float(),
-            first_step_loss=mean_over(output.step_token_loss[0], supervised),
-            last_step_loss=mean_over(last, supervised),
+            first_step_loss=mean_over(output.step_token_loss[0], first_scored),
+            last_step_loss=mean_over(last, last_scored),
             masked_chunk_loss=mean_over(last, in_masked_chunk),
             masked_chunk_accuracy=mean_over((output.final_predictions == labels).float(), in_masked_chunk),
-            unmasked_chunk_loss=mean_over(last, supervised & ~in_masked_chunk),
-            backbone_loss=mean_over(output.backbone_token_loss, supervised),
+            # left out where the last step did not score the unmasked positions (final_step_positions "masked")
+            unmasked_chunk_loss=mean_over(last, unmasked) if last_scores_all else None,
+            backbone_loss=mean_over(output.backbone_token_loss, last_scored),
             backbone_masked_chunk_loss=mean_over(output.backbone_token_loss, in_masked_chunk),
             supervised_tokens=supervised.sum().float(),
             masked_token_fraction=in_masked_chunk.sum() / supervised.sum().clamp(min=1),

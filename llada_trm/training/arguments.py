@@ -255,6 +255,10 @@ def parse_arguments(argv: list[str] | None = None, environ=None) -> RunArguments
     except ValueError as error:
         raise UsageError(str(error)) from None
     validate(model, train)
+    if model.final_step_positions == "masked" and (truncation.enable or weighting.loss_weighting != "none"):
+        raise UsageError("--final_step_positions masked scores the last step at masked positions only, but token-level "
+                         "truncation (TRUNCATION_ENABLE) and --loss_weighting read its loss at every supervised "
+                         "position: use --final_step_positions all with them")
     return RunArguments(model, data, train, truncation, weighting, dict(flags, **({"preset": preset} if preset else {})))
 
 

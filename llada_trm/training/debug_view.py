@@ -53,8 +53,11 @@ def format_chunk_inspection(tokenizer, batch: dict, output, sample: int = 0, tit
         here = (chunk_index == k) & output.supervised_mask[sample]
         if not here.any():
             continue
-        loss = float(last_loss[here].mean())
         weight = float(output.chunk_weight[sample][here][0])
+        if not output.step_scored[-1][sample][here].all():  # final_step_positions "masked": weight 0, not scored
+            lines.append(f"Chunk {k}/{num_chunks}: not scored, weight={weight:.2f}")
+            continue
+        loss = float(last_loss[here].mean())
         lines.append(f"Chunk {k}/{num_chunks}: loss={loss:.2f}, weight={weight:.2f}")
         lines.append(f"    predicted: {_text(tokenizer, output.final_predictions[sample][here])}")
         lines.append(f"    expected:  {_text(tokenizer, labels[here])}")

@@ -74,5 +74,4 @@ def clean_context_inputs(input_ids: Tensor, attention_mask: Tensor, chunk_index:
     draws = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     is_masked = (draws < p_mask) & is_response.bool()
     noisy = torch.where(is_masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    inputs, _ = clean_context_pair(input_ids, noisy, attention_mask, chunk_index)
-    return inputs, is_masked, p_mask
+    return clean_context_pair(input_ids, noisy, attention_mask, chunk_index).inputs, is_masked, p_mask
