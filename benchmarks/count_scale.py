@@ -17,6 +17,8 @@ the KV caches' attention is included. The refinement decoders run a fixed number
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scale import CHUNK, sft_loss, shape_config, training_batch  # noqa: E402
+from bench_scale import CHUNK, config_of_8b_recipe, sft_loss, shape_config, training_batch  # noqa: E402
 from flop_count import FlopSplit, count_flops, extrapolate, lazy_parameters, parts_of  # noqa: E402
 from flop_count import shape_only_compute  # noqa: E402
 from timing import SavedTensorMeter  # noqa: E402
@@ -36,16 +38,8 @@ from llada_trm.model.configuration_hybrid import HybridConfig  # noqa: E402
 from llada_trm.model.configuration_llada import LLaDAConfig  # noqa: E402
 from llada_trm.model.hybrid import LLaDATRMHybrid  # noqa: E402
 from llada_trm.model.modeling_llada import LLaDAModelLM  # noqa: E402
-from llada_trm.training.arguments import hybrid_config, parse_arguments  # noqa: E402
 
-CONFIG_8B = Path(__file__).resolve().parent.parent / "configs" / "llada8b_natural_reasoning.yaml"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out"]
-
-
-def config_of_8b_recipe(path: Path | None = None) -> HybridConfig:
-    """The HybridConfig the training program builds from the 8B config, or the config at `path` (its backbone is
-    not loaded)."""
-    return hybrid_config(parse_arguments(["--config", str(path or CONFIG_8B)], environ={}).model)
 
 
 def lever_variants(base: HybridConfig) -> dict[str, dict]:
@@ -180,8 +174,9 @@ def decoding_counts(config: LLaDAConfig, n_layers: int, recipe: HybridConfig, ar
         for steps in sorted({recipe.max_recursive_steps, recipe.min_recursive_steps}, reverse=True):
             fixed = dict(min_recursive_steps=steps, max_recursive_steps=steps)
             one_pass = refinement(**fixed)
-            rows[f"hybrid, 1 pass per chunk, {steps} steps"] = one_pass[0] / n
-            rows[f"  hybrid, one later pass of threshold decoding ({steps} steps)"] = later_pass(
+            plural = "s" if steps > 1 else ""
+            rows[f"hybrid, 1 pass per chunk, {steps} step{plural}"] = one_pass[0] / n
+            rows[f"  hybrid, one later pass of threshold decoding ({steps} step{plural})"] = later_pass(
                 one_pass, refinement(**fixed, commit_threshold=2.0))
         decoder = refinement(enable_refinement=False)
         rows["chunk decoder (no head), 1 pass per chunk"] = decoder[0] / n
@@ -199,7 +194,25 @@ def decoding_counts(config: LLaDAConfig, n_layers: int, recipe: HybridConfig, ar
 # ------------------------------------------------------------------------------------------------ table
 
 def print_counts(train: dict[str, FlopSplit], decode: dict[str, FlopSplit], args) -> None:
-    forward, hybrid = train["backbone forward, no grad"], train["hybrid step, 8B config"]
+    """The training table, the decoding table and the goals of issue 31, each where its rows were counted."""
+    if train:
+        print_training(train, args)
+    if decode:
+        print_decoding(decode, args)
+    print("\ngoals (issue 31, stated for the 8b shape at batch 4 x (128 + 32 x 16)):")
+    if train:
+        forward, hybrid = train["backbone forward, no grad"], train["hybrid step, 8B config"]
+        lora = train["LLaDA SFT, LoRA r=16 (q,k,v,attn_out), grad ckpt"]
+        print(f"  hybrid step / LoRA step               {hybrid.total / lora.total:6.2f}   (goal <= 0.5)")
+        print(f"  hybrid step / backbone forward        {hybrid.total / forward.total:6.2f}   (goal <= 1.5)")
+        print(f"  hybrid saved / LoRA saved             {hybrid.saved_mib / max(lora.saved_mib, 1e-9):6.2f}   (goal <= 0.25)")
+    if decode:
+        refined, sampler = (decode[next(k for k in decode if k.startswith(p))] for p in ("hybrid, 1 pass", "LLaDA sampler"))
+        print(f"  refinement token / sampler token      {refined.total / sampler.total:6.4f}   (goal <= {1 / 12:.4f})")
+
+
+def print_training(train: dict[str, FlopSplit], args) -> None:
+    forward = train["backbone forward, no grad"]
     lora = train["LLaDA SFT, LoRA r=16 (q,k,v,attn_out), grad ckpt"]
     print(f"training, TFLOP per step (batch {args.batch_size} x ({args.prompt_length} + {args.num_chunks} x {CHUNK}))")
     header = f"{'row':<84}{'backbone':>9}{'head':>8}{'output':>8}{'attn':>8}{'total':>8}{'x fwd':>7}{'x LoRA':>7}"
@@ -208,15 +221,6 @@ def print_counts(train: dict[str, FlopSplit], decode: dict[str, FlopSplit], args
         values = "".join(f"{v / 1e12:>{w}.2f}" for v, w in ((s.backbone, 9), (s.head, 8), (s.output_layer, 8),
                                                                  (s.attention, 8), (s.total, 8)))
         print(f"{name:<84}{values}{s.total / forward.total:>7.2f}{s.total / lora.total:>7.2f}{s.saved_mib:>11.1f}")
-    if decode:
-        print_decoding(decode, args)
-    print("\ngoals (issue 31, stated for the 8b shape at batch 4 x (128 + 32 x 16)):")
-    print(f"  hybrid step / LoRA step               {hybrid.total / lora.total:6.2f}   (goal <= 0.5)")
-    print(f"  hybrid step / backbone forward        {hybrid.total / forward.total:6.2f}   (goal <= 1.5)")
-    print(f"  hybrid saved / LoRA saved             {hybrid.saved_mib / max(lora.saved_mib, 1e-9):6.2f}   (goal <= 0.25)")
-    if decode:
-        refined, sampler = (decode[next(k for k in decode if k.startswith(p))] for p in ("hybrid, 1 pass", "LLaDA sampler"))
-        print(f"  refinement token / sampler token      {refined.total / sampler.total:6.4f}   (goal <= {1 / 12:.4f})")
 
 
 def print_decoding(decode: dict[str, FlopSplit], args) -> None:
@@ -230,24 +234,32 @@ def print_decoding(decode: dict[str, FlopSplit], args) -> None:
         print(f"{name:<84}{values}{s.total / sampler.total:>11.4f}")
 
 
+def hand_back_freed_memory() -> None:
+    """Each count allocates and frees GBs (activations of a full-width batch); glibc keeps freed heap blocks for
+    reuse, and a row-by-row table then grew past 20 GB. Blocks of 1 MiB and more are mmapped instead, so freeing
+    one returns it to the OS (a no-op off glibc)."""
+    m_mmap_threshold = -3
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 1 << 20)
+
+
 def main(args) -> None:
+    hand_back_freed_memory()
     torch.set_num_threads(args.threads)
     config = shape_config(args.shape)
-    recipe = config_of_8b_recipe(args.recipe)
-    recipe.max_recursive_steps = args.max_recursive_steps or recipe.max_recursive_steps
-    recipe.min_recursive_steps = min(recipe.min_recursive_steps, recipe.max_recursive_steps)
+    recipe = config_of_8b_recipe(args.recipe, args.max_recursive_steps)
     recipe.resolve_head_shape(config.d_model)
     print(f"counted FLOPs, shape {args.shape}: d_model {config.d_model}, {config.n_layers} layers (counted at 1 and 2 "
           f"layers and vocabularies of 512 and 1,024, extended linearly), vocab {config.vocab_size}; head {recipe.head_hidden_size} wide, "
           f"{recipe.max_recursive_steps} steps of {recipe.latent_steps} latent updates; 8B config: "
           f"clean_context {recipe.clean_context}, draft_feedback {recipe.draft_feedback}, unmasked_chunk_weight "
           f"{recipe.unmasked_chunk_weight}\n")
-    if args.count_all_layers:
-        train = training_counts(config, config.n_layers, recipe, args)
-        decode = {} if args.skip_decode else decoding_counts(config, config.n_layers, recipe, args)
-    else:
-        train = extrapolate(lambda k, v: training_counts(reduced(config, k, v), k, recipe, args),
-                            config.n_layers, config.vocab_size)
-        decode = {} if args.skip_decode else extrapolate(
-            lambda k, v: decoding_counts(reduced(config, k, v), k, recipe, args), config.n_layers, config.vocab_size)
-    print_counts(train, decode, args)
+    def count(rows: Callable, skip: bool) -> dict[str, FlopSplit]:
+        if skip:
+            return {}
+        if args.count_all_layers:
+            return rows(config, config.n_layers, recipe, args)
+        return extrapolate(lambda k, v: rows(reduced(config, k, v), k, recipe, args), config.n_layers,
+                           config.vocab_size)
+
+    print_counts(count(training_counts, args.skip_train), count(decoding_counts, args.skip_decode), args)

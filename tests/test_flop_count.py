@@ -75,11 +75,16 @@ def test_backbone_forward_equals_a_hand_count_of_its_products():
         assert (split.backbone, split.attention, split.output_layer, split.head) == (projections, attention, output, 0)
 
 
-@pytest.mark.parametrize("settings", [{}, dict(clean_context=True, draft_feedback=True, unmasked_chunk_weight=0.0)])
+EMBEDDED_LEVERS = dict(clean_context=True, draft_feedback=True, unmasked_chunk_weight=0.0)
+
+
+@pytest.mark.parametrize("settings", [{}, EMBEDDED_LEVERS, dict(
+    EMBEDDED_LEVERS, intermediate_step_positions="masked", final_step_positions="masked")])
 def test_shapes_only_count_equals_a_plain_flop_counter_run(settings):
     """The same hybrid step counted three ways: plain FlopCounterMode on real weights, the split on real weights,
     the split with shapes only; and the output layer is the fused loss's 2 products per step plus the backbone's
-    own scores, 2 N d V each."""
+    own scores, 2 N d V each, N the scored positions (the masked inputs only where every step is scored there:
+    the 8B config's packed layout)."""
     b = batch()
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as plain:
         hybrid(lazy=False, **settings)(**b).loss.backward()
@@ -89,8 +94,8 @@ def test_shapes_only_count_equals_a_plain_flop_counter_run(settings):
         shapes_only = count_flops(lambda: lazy_model(**b).loss.backward(), parts_of(lazy_model))
     assert real.total == plain.get_total_flops() > 0
     assert shapes_only == real
-    supervised = int((b["labels"] != -100).sum())
-    assert real.output_layer == 2 * supervised * 32 * 64 * (2 * 3 + 1)
+    scored = (b["labels"] != -100) & ((b["input_ids"] == 63) | ("final_step_positions" not in settings))
+    assert real.output_layer == 2 * int(scored.sum()) * 32 * 64 * (2 * 3 + 1)
     assert real.head > 0 and real.attention > 0 and real.backbone > 0
 
 
