@@ -145,6 +145,23 @@ def test_a_product_of_a_weight_outside_the_model_is_an_error():
         count_flops(lambda: stray(torch.ones(2, 32)), parts_of(model))
 
 
+def outputs_and_head_gradients(models, b: dict) -> list[tuple]:
+    """Each model's training output on batch `b` and its head's gradients of that output's loss."""
+    results = []
+    for model in models:
+        model.zero_grad()
+        out = model(**b)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.head.named_parameters() if p.grad is not None}))
+    return results
+
+
+def assert_same_gradients(grads: dict, reference: dict) -> None:
+    assert grads.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("settings", [{}, dict(clean_context=True, draft_feedback=True)])
 def test_intermediate_steps_on_masked_positions_keep_the_last_step_exact(settings):
     """`intermediate_step_positions: masked` scores the steps before the last at masked inputs only: the last step's
@@ -160,19 +177,11 @@ def test_intermediate_steps_on_masked_positions_keep_the_last_step_exact(setting
     supervised = b["labels"] != -100
     last_logits = plain.step_logits[-1][supervised].float()
     plain_ce = torch.nn.functional.cross_entropy(last_logits, b["labels"][supervised], reduction="none")
-    outputs = []
-    for model in (reference, narrowed):
-        model.zero_grad()
-        out = model(**b)
-        out.loss.backward()
-        outputs.append((out, {n: p.grad.clone() for n, p in model.head.named_parameters() if p.grad is not None}))
-    (full, full_grads), (cut, cut_grads) = outputs
+    (full, full_grads), (cut, cut_grads) = outputs_and_head_gradients((reference, narrowed), b)
     torch.testing.assert_close(cut.step_token_loss[-1][supervised], plain_ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cut.step_token_loss[-1], full.step_token_loss[-1], rtol=0, atol=0)
     torch.testing.assert_close(cut.loss, full.loss, rtol=1e-6, atol=1e-7)
-    assert cut_grads.keys() == full_grads.keys()
-    for name in full_grads:
-        torch.testing.assert_close(cut_grads[name], full_grads[name], rtol=1e-5, atol=1e-7)
+    assert_same_gradients(cut_grads, full_grads)
     masked_input = (b["input_ids"] == 63) & supervised
     assert (cut.step_token_loss[0][supervised & ~masked_input] == 0).all()
     assert (cut.step_token_loss[0][masked_input] > 0).all()
@@ -200,20 +209,12 @@ def test_last_step_on_masked_positions_keeps_the_loss_and_its_gradients(settings
     plain_last = cross_entropy(plain.step_logits[-1][masked_input].float(), b["labels"][masked_input], reduction="none")
     plain_backbone = cross_entropy(plain.backbone_logits[masked_input].float(), b["labels"][masked_input],
                                    reduction="none")
-    outputs = []
-    for model in (reference, narrowed):
-        model.zero_grad()
-        out = model(**b)
-        out.loss.backward()
-        outputs.append((out, {n: p.grad.clone() for n, p in model.head.named_parameters() if p.grad is not None}))
-    (full, full_grads), (cut, cut_grads) = outputs
+    (full, full_grads), (cut, cut_grads) = outputs_and_head_gradients((reference, narrowed), b)
     torch.testing.assert_close(cut.step_token_loss[-1][masked_input], plain_last, rtol=1e-5, atol=1e-6)
     assert (cut.step_token_loss[-1][supervised & ~masked_input] == 0).all()
     assert torch.equal(cut.step_scored[-1], masked_input) and torch.equal(full.step_scored[-1], supervised)
     torch.testing.assert_close(cut.loss, full.loss, rtol=1e-6, atol=1e-7)
-    assert cut_grads.keys() == full_grads.keys()
-    for name in full_grads:
-        torch.testing.assert_close(cut_grads[name], full_grads[name], rtol=1e-5, atol=1e-7)
+    assert_same_gradients(cut_grads, full_grads)
     metrics = cut.metrics.as_dict()
     assert "unmasked_chunk_loss" not in metrics and "unmasked_chunk_loss" in full.metrics.as_dict()
     torch.testing.assert_close(metrics["last_step_loss"], plain_last.mean(), rtol=1e-5, atol=1e-6)
