@@ -180,3 +180,19 @@ def test_hybrid_scoring_only_masked_inputs_leaves_out_what_no_scored_position_re
     with torch.no_grad():  # evaluation scores every position, in the full layout
         packed.eval()(**batch)
     assert widths[-1] == length + 8
+
+
+def test_hybrid_packed_layout_of_a_batch_without_masked_chunks_is_an_empty_step():
+    """Nothing masked, nothing scored: the packed layout is one padding column, the loss a zero that backward
+    accepts (an empty step, counted as such by the trainer), and no metric is NaN."""
+    from support import make_batch, make_hybrid
+
+    model = make_hybrid(clean_context=True, unmasked_chunk_weight=0.0, intermediate_step_positions="masked",
+                        final_step_positions="masked").train()
+    widths = []
+    model.backbone.register_forward_hook(
+        lambda module, args, kwargs, out: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    out = model(**make_batch([5, 3], [3, 2], 4, masked=[[], []]))
+    out.loss.backward()
+    assert widths == [1] and float(out.loss.detach()) == 0.0
+    assert all(torch.isfinite(value) for value in out.metrics.as_dict().values())

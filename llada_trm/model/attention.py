@@ -116,7 +116,8 @@ def clean_context_pair(clean: Tensor, noisy: Tensor, attention_mask: Tensor, chu
     else:
         kept = kept & attention_mask.bool()
     taken = torch.cat((kept, copied & reasoning), dim=1)  # (B, 2L): clean sources, then noisy ones
-    width = int(taken.sum(dim=1).max()) if batch else 0
+    # At least one column, padding if nothing is taken (a batch with no masked chunk): every row keeps a column 0.
+    width = max(int(taken.sum(dim=1).max()), 1) if batch else 0
     # Taken sources first, in order (a stable sort on "not taken"); the rest is padding.
     order = torch.sort((~taken).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # (B, W)
     padding = ~taken.gather(1, order)
