@@ -2,6 +2,7 @@
 worked out by hand, the one table writer, the one optional-matplotlib fallback, and the main command's table with
 its standard-error column on a short run."""
 
+import json
 import math
 import sys
 
@@ -13,6 +14,7 @@ from llada_trm.inference.reporting import (
     aup_weight,
     markdown_table,
     matplotlib_figure,
+    paired_difference,
     pareto_points,
     standard_error,
     tpf_within,
@@ -31,6 +33,19 @@ def test_standard_error_is_the_binomial_one(correct, total):
     assert standard_error(correct, total) == pytest.approx(math.sqrt(p * (1 - p) / total), rel=1e-12, abs=1e-15)
     with pytest.raises(ValueError):
         standard_error(0, 0)
+
+
+def test_paired_difference_is_the_mean_difference_and_its_paired_standard_error():
+    """Hybrid right on problems 0-5, the other decoder on 3-7 of 10 scored (8 of them shared): d = (1,1,1,0,0,0,-1,
+    -1), mean 1/8, E[d^2] = 5/8, s.e. = sqrt((5/8 - 1/64) / 8); the extra problems of the longer list are left out."""
+    hybrid = [1, 1, 1, 1, 1, 1, 0, 0, 1, 1]
+    other = [0, 0, 0, 1, 1, 1, 1, 1]
+    difference, error = paired_difference(hybrid, other)
+    assert difference == pytest.approx(1 / 8, abs=1e-15)
+    assert error == pytest.approx(math.sqrt((5 / 8 - 1 / 64) / 8), rel=1e-12)
+    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)  # the same answers: no difference, no error
+    with pytest.raises(ValueError):
+        paired_difference([], [1])
 
 
 def test_pareto_points_keep_what_no_faster_point_beats():
@@ -122,7 +137,8 @@ def test_main_command_table_shows_the_standard_error_of_each_decoder(tmp_path, c
             "--eval_sampler_max_samples", "6", "--logging_steps", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    table = out[out.index("exact match on 12 held-out problems"):].split("written to")[0]
+    table, lead = out[out.index("exact match on 12 held-out problems"):].split("written to")[0].split(
+        "| hybrid lead (same problems)")
     rows = {row["decoder"]: row for row in table_cells(table)}
     assert set(rows) == {"backbone_llada_sampler", "backbone_chunked", "hybrid_refined"}
     assert rows["backbone_llada_sampler"]["samples"] == "6" and rows["hybrid_refined"]["samples"] == "12"
@@ -131,5 +147,18 @@ def test_main_command_table_shows_the_standard_error_of_each_decoder(tmp_path, c
         assert row["exact match"] == f"{correct / total:.3f}"
         assert row["s.e."] == f"{math.sqrt(correct / total * (1 - correct / total) / total):.3f}"
     assert any(0 < int(row["correct"]) < int(row["samples"]) for row in rows.values())  # a non-zero error to check
+    # the hybrid's lead over each backbone decoder, paired over the problems both scored (eval_results.json's lists)
+    results = json.loads((tmp_path / "eval_results.json").read_text())["decoders"]
+    hybrid = results["hybrid_refined"]["right"]
+    assert len(hybrid) == 12 and sum(hybrid) == int(rows["hybrid_refined"]["correct"])
+    leads = {row["hybrid lead (same problems)"]: row for row in table_cells("| hybrid lead (same problems)" + lead)}
+    for name in ("backbone_llada_sampler", "backbone_chunked"):
+        other = results[name]["right"]
+        shared = len(other)
+        differences = [a - b for a, b in zip(hybrid, other)]
+        mean = sum(differences) / shared
+        error = math.sqrt((sum(d * d for d in differences) / shared - mean ** 2) / shared)
+        row = leads[f"hybrid_refined - {name}"]
+        assert (row["difference"], row["paired s.e."], row["samples"]) == (f"{mean:+.3f}", f"{error:.3f}", str(shared))
     cost = table_cells(out[out.index("decoding cost on the same problems"):])
     assert cost and all(row["s.e."] != "-" for row in cost)

@@ -32,7 +32,7 @@ from llada_trm.data.layout import ANSWER_CLOSE, extract_answer
 from llada_trm.inference.chunk_decoding import generate_with_refinement, token_stop
 from llada_trm.inference.decoding_settings import DecodingSettings
 from llada_trm.inference.prompts import left_pad, single_token_id
-from llada_trm.inference.reporting import cell, markdown_table, standard_error
+from llada_trm.inference.reporting import cell, markdown_table, paired_difference, standard_error
 from llada_trm.inference.sampler import PassCounter, generate
 
 DECODERS = ("backbone_llada_sampler", "backbone_chunked", "hybrid_refined")
@@ -121,6 +121,7 @@ def score_decoder(name: str, rows: list[dict], batch_size: int, progress: bool,
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     correct = new_tokens = chunk_count = step_count = passes = 0
+    right = []  # 1/0 per problem, in order: the paired comparisons of fair_evaluation read it
     seconds = 0.0
     bar = tqdm(total=len(rows), desc=name, disable=not progress, unit="sample")
     for start in range(0, len(rows), batch_size):
@@ -128,7 +129,8 @@ def score_decoder(name: str, rows: list[dict], batch_size: int, progress: bool,
         began = time.perf_counter()
         decoded = decode([prompt_ids_of(row) for row in batch])
         seconds += time.perf_counter() - began
-        correct += sum(is_correct(text, str(row["answer"])) for text, row in zip(decoded.texts, batch))
+        right += [int(is_correct(text, str(row["answer"]))) for text, row in zip(decoded.texts, batch)]
+        correct = sum(right)
         new_tokens += sum(decoded.new_tokens)
         chunk_count, step_count = chunk_count + sum(decoded.chunks), step_count + sum(decoded.refinement_steps)
         passes += decoded.backbone_row_passes
@@ -140,6 +142,7 @@ def score_decoder(name: str, rows: list[dict], batch_size: int, progress: bool,
         "standard_error": standard_error(correct, len(rows)) if rows else None,
         "correct": correct,
         "num_samples": len(rows),
+        "right": right,
         "mean_refinement_steps": step_count / chunk_count if chunk_count else 0.0,
         "new_tokens": new_tokens,
         "seconds": seconds,
@@ -254,7 +257,23 @@ def fair_evaluation(tokenizer, rows: list[dict], max_new_tokens: int, chunk_size
         "max_new_tokens": max_new_tokens,
         "accuracy": {name: r["accuracy"] for name, r in results.items()},
         "decoders": results,
+        "hybrid_lead": hybrid_lead(results),
     }
+
+
+def hybrid_lead(results: dict) -> dict:
+    """{backbone decoder: the hybrid's exact match minus its, the paired standard error, problems} over the
+    problems both scored; empty without a hybrid."""
+    if "hybrid_refined" not in results:
+        return {}
+    hybrid = results["hybrid_refined"]["right"]
+    lead = {}
+    for name, other in results.items():
+        if name != "hybrid_refined":
+            difference, error = paired_difference(hybrid, other["right"])
+            lead[name] = {"difference": difference, "standard_error": error,
+                          "num_samples": min(len(hybrid), len(other["right"]))}
+    return lead
 
 
 def format_fair_table(evaluation: dict) -> str:
@@ -264,4 +283,12 @@ def format_fair_table(evaluation: dict) -> str:
     rows = [(name, f"{r['accuracy']:.3f}", cell(r.get("standard_error"), "{:.3f}"), str(r["correct"]),
              str(r["num_samples"]), f"{r['mean_refinement_steps']:.2f}", cell(r.get("tokens_per_pass"), "{:.2f}"),
              f"{r['tokens_per_second']:.1f}") for name, r in evaluation["decoders"].items()]
-    return markdown_table(header, rows, right=range(1, len(header)))
+    table = markdown_table(header, rows, right=range(1, len(header)))
+    lead = evaluation.get("hybrid_lead")
+    if not lead:
+        return table
+    lead_rows = [(f"hybrid_refined - {name}", f"{r['difference']:+.3f}", f"{r['standard_error']:.3f}",
+                  f"{r['difference'] / r['standard_error']:+.1f}" if r["standard_error"] > 0 else "-",
+                  str(r["num_samples"])) for name, r in lead.items()]
+    lead_header = ("hybrid lead (same problems)", "difference", "paired s.e.", "in s.e.", "samples")
+    return table + "\n" + markdown_table(lead_header, lead_rows, right=range(1, len(lead_header)))

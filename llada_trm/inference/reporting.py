@@ -2,6 +2,10 @@
 
 What is notable:
 - `standard_error(k, n)` is the binomial standard error of an exact match of k right out of n, sqrt(p (1 - p) / n).
+- `paired_difference(a, b)` compares two decoders on the same problems (per-problem right/wrong): the difference
+  of their exact match and its paired standard error, sqrt(mean(d^2) - mean(d)^2) / sqrt(n) over d_i = a_i - b_i.
+  Two decoders of one model fail on many of the same problems, so this is smaller than the two standard errors
+  combined as if independent; it is the one a lead over another decoder is judged by.
 - `aup` is the d3LLM leaderboard's Accuracy Under Parallelism (docs/evaluation.md, "AUP"): the area under
   accuracy (in percent) against tokens per forward pass (TPF), each point's accuracy weighted by
   W(y) = min(exp(-alpha (1 - y / y_max)), 1) with y_max the best accuracy of every method compared, over the points
@@ -30,6 +34,18 @@ def standard_error(correct: int, total: int) -> float:
         raise ValueError(f"standard error needs at least one problem, got {total}")
     p = correct / total
     return math.sqrt(p * (1.0 - p) / total)
+
+
+def paired_difference(right: Sequence[int], other: Sequence[int]) -> tuple[float, float]:
+    """(exact match of `right` minus that of `other`, its paired standard error) over the problems both scored:
+    the first min(len) of them, in order (the sampler scores the first --eval_sampler_max_samples)."""
+    count = min(len(right), len(other))
+    if count <= 0:
+        raise ValueError("a paired difference needs at least one problem scored by both decoders")
+    differences = [a - b for a, b in zip(right[:count], other[:count])]
+    mean = sum(differences) / count
+    variance = sum(d * d for d in differences) / count - mean * mean
+    return mean, math.sqrt(max(variance, 0.0) / count)
 
 
 def pareto_points(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

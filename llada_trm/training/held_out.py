@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, scored_rows
+from llada_trm.inference.exact_match import default_new_token_budget, fair_evaluation, hybrid_lead, scored_rows
 from llada_trm.inference.frontier import BACKBONE_KINDS, DECODER_KINDS, frontier, parse_points
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
@@ -82,6 +82,7 @@ def answer_accuracy(trainer) -> dict:
         kept.update({k: v for k, v in evaluation["decoders"].items() if k != "hybrid_refined"})
         evaluation["decoders"] = {**kept, **evaluation["decoders"]}
         evaluation["accuracy"] = {name: r["accuracy"] for name, r in evaluation["decoders"].items()}
+        evaluation["hybrid_lead"] = hybrid_lead(evaluation["decoders"])
     evaluation["accuracy"].setdefault("hybrid_refined", None)
     trainer.fair_eval = {"step": trainer.state.global_step, **evaluation}
     model.train()
