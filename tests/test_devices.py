@@ -21,6 +21,21 @@ def test_debug_view_works_on_the_batch_device(device, shipped_tokenizer):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_packed_scoring_trains_on_the_batch_device_and_the_debug_view_names_what_was_not_scored(device, shipped_tokenizer):
+    """The 8B config's scoring (clean context, every step at masked inputs only: the packed layout) trains on the
+    device; the debug view marks the unmasked chunks, which weigh 0 and were not scored."""
+    model = make_hybrid(chunk_size=4, steps=2, clean_context=True, draft_feedback=True, unmasked_chunk_weight=0.0,
+                        intermediate_step_positions="masked", final_step_positions="masked").to(device).train()
+    batch = {k: v.to(device) for k, v in make_batch([5, 3], [3, 2], 4, masked=[[1], [0]]).items()}
+    output = model(**batch)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and model.head.out_proj.weight.grad.abs().sum() > 0
+    text = format_chunk_inspection(shipped_tokenizer, batch, output)
+    assert "Chunk 0/3: not scored, weight=0.00" in text and "Chunk 1/3: loss=" in text
+    assert "Chunk 2/3: not scored" in text
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_lm_head_loss_under_bf16_autocast_matches_the_plain_path(device):
     """Under autocast the LM head's matmul runs in bf16 in both paths (autocast's dtype, not the weight's)."""
     model = make_hybrid(chunk_size=4, steps=2).to(device).train()
