@@ -201,11 +201,14 @@ class LLaDATRMHybrid(PreTrainedModel):
         embeddings = self.backbone.get_input_embeddings()(draft_tokens).detach()
         return self.head.draft_proj(embeddings.to(self.head.draft_proj.weight.dtype))
 
-    def draft_positions(self, input_ids: Tensor) -> Tensor | None:
-        """(B, L) bool: where draft feedback may enter, the positions that hold the mask token (None: off)."""
-        if not self.config.draft_feedback:
-            return None
-        return input_ids == self.backbone.config.mask_token_id
+    def masked_inputs(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, L) bool: the positions that hold the mask token; never a padding column (attention 0)."""
+        is_mask = input_ids == self.backbone.config.mask_token_id
+        return is_mask if attention_mask is None else is_mask & attention_mask.bool()
+
+    def draft_positions(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor | None:
+        """(B, L) bool: where draft feedback may enter, the masked inputs (None: off)."""
+        return self.masked_inputs(input_ids, attention_mask) if self.config.draft_feedback else None
 
     def step_scores_at(self, hidden: Tensor, y: Tensor, targets: Tensor | None) -> StepScores:
         """`StepScores.of_logits(step_logits_at(hidden, y), targets)` through the fused, chunked LM-head loss: no
@@ -258,17 +261,15 @@ class LLaDATRMHybrid(PreTrainedModel):
         else:
             scored = supervised.nonzero(as_tuple=True)
         hidden = self.backbone_hidden_states(**inputs)
-        # A padding column never counts as masked: a position left out of the layout reads column 0.
-        input_is_mask = inputs["input_ids"] == self.backbone.config.mask_token_id
-        if inputs["attention_mask"] is not None:
-            input_is_mask = input_is_mask & inputs["attention_mask"].bool()
-        per_step = self.refine_supervised(hidden, inputs["attention_mask"], inputs["chunk_index"], scored, targets,
+        # Padding never counts as masked: a position left out of the packed layout reads column 0.
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        per_step = self.refine_supervised(hidden, attention, inputs["chunk_index"], scored, targets,
                                           inputs["position_ids"], return_logits, inputs.get("noisy_copy"),
-                                          input_is_mask if self.config.draft_feedback else None, input_is_mask)
+                                          self.draft_positions(ids, attention), self.masked_inputs(ids, attention))
         backbone = self.backbone_scores(hidden[scored].detach(), targets, per_step[-1].scored, return_logits)
         return self._assemble_output(
             per_step, backbone, supervised=supervised, chunk_index=chunk_index, chunk_is_masked=chunk_is_masked,
-            position_is_masked=input_ids == self.backbone.config.mask_token_id, labels=labels,
+            position_is_masked=self.masked_inputs(input_ids), labels=labels,
         )
 
     def scores_masked_inputs_only(self, return_logits: bool = False) -> bool:
@@ -294,7 +295,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         clean = labels.where(labels != -100, input_ids)
-        is_mask = (input_ids == self.backbone.config.mask_token_id) & (chunk_index >= 0)
+        is_mask = self.masked_inputs(input_ids) & (chunk_index >= 0)
         chunk_has_mask = torch.zeros(input_ids.shape[0], max(int(chunk_index.max()) + 1, 1), device=input_ids.device)
         chunk_has_mask = chunk_has_mask.scatter_add_(1, chunk_index.clamp(min=0), is_mask.float()) > 0  # (B, K)
         copied = positions_in_masked_chunks(chunk_index, chunk_has_mask)
