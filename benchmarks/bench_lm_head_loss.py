@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import SavedTensorMeter, describe_machine, time_call  # noqa: E402
 
-from llada_trm.model.hybrid import StepScores  # noqa: E402
+from llada_trm.model.hybrid_outputs import StepScores  # noqa: E402
 from llada_trm.model.lm_head_loss import lm_head_scores  # noqa: E402
 
 

@@ -9,7 +9,8 @@ from llada_trm.inference.decoding_settings import DecodingSettings
 from llada_trm.inference.exact_match import chunk_decoder_accuracy, fair_evaluation, llada_sampler_accuracy
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.configuration_llada import LLaDAConfig, LLaDAConfigError
-from llada_trm.model.hybrid import HybridOutput, LLaDATRMHybrid
+from llada_trm.model.hybrid import LLaDATRMHybrid
+from llada_trm.model.hybrid_outputs import HybridOutput
 from llada_trm.model.integrity import BrokenFileError
 from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM
 from llada_trm.training.truncation import TruncationConfig, truncation_keep_mask

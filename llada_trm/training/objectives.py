@@ -20,7 +20,7 @@ from torch import Tensor
 
 from llada_trm.training.diffusion import clean_context_inputs, forward_mask, llada_pretrain_loss, llada_sft_loss
 from llada_trm.training.lora_reference import reference_label_prob
-from llada_trm.model.hybrid import HybridMetrics
+from llada_trm.model.hybrid_outputs import HybridMetrics
 from llada_trm.model.losses import chunk_token_weights, hybrid_loss
 from llada_trm.training.truncation import TruncationConfig, TruncationDecision, truncation_decisions
 from llada_trm.training.weighting import WeightingConfig, token_weights
