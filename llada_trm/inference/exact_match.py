@@ -129,8 +129,9 @@ def score_decoder(name: str, rows: list[dict], batch_size: int, progress: bool,
         began = time.perf_counter()
         decoded = decode([prompt_ids_of(row) for row in batch])
         seconds += time.perf_counter() - began
-        right += [int(is_correct(text, str(row["answer"]))) for text, row in zip(decoded.texts, batch)]
-        correct = sum(right)
+        batch_right = [int(is_correct(text, str(row["answer"]))) for text, row in zip(decoded.texts, batch)]
+        right += batch_right
+        correct += sum(batch_right)
         new_tokens += sum(decoded.new_tokens)
         chunk_count, step_count = chunk_count + sum(decoded.chunks), step_count + sum(decoded.refinement_steps)
         passes += decoded.backbone_row_passes

@@ -174,7 +174,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         # Where the scores are taken in the model's input, in the order of `supervised`: (rows, columns).
         if self.config.clean_context:
             inputs, scored = self.clean_context_inputs(input_ids, attention_mask, chunk_index, labels, position_ids,
-                                                       drop_unread=self.scores_masked_inputs_only(return_logits))
+                                                       drop_unread=all(self.narrowed_steps(return_logits)))
         else:
             scored = supervised.nonzero(as_tuple=True)
         hidden = self.backbone_hidden_states(**inputs)
@@ -189,12 +189,15 @@ class LLaDATRMHybrid(PreTrainedModel):
             position_is_masked=self.masked_inputs(input_ids), labels=labels,
         )
 
-    def scores_masked_inputs_only(self, return_logits: bool = False) -> bool:
-        """Whether this forward scores every step at masked inputs only (intermediate_step_positions and
-        final_step_positions "masked", in training, fused scores)."""
+    def narrowed_steps(self, return_logits: bool = False) -> list[bool]:
+        """Per refinement step, whether it is scored at masked inputs only: the steps before the last by
+        `intermediate_step_positions`, the last by `final_step_positions` in training; never with `return_logits`
+        (full logits are asked for)."""
         config = self.config
-        return (self.training and not return_logits and config.final_step_positions == "masked"
-                and (config.intermediate_step_positions == "masked" or config.max_recursive_steps == 1))
+        if return_logits:
+            return [False] * config.max_recursive_steps
+        before_last = [config.intermediate_step_positions == "masked"] * (config.max_recursive_steps - 1)
+        return before_last + [config.final_step_positions == "masked" and self.training]
 
     def clean_context_inputs(self, input_ids, attention_mask, chunk_index, labels, position_ids=None,
                              drop_unread: bool = False) -> tuple[dict, tuple[Tensor, Tensor]]:
@@ -244,11 +247,9 @@ class LLaDATRMHybrid(PreTrainedModel):
         config = self.config
         if isinstance(supervised, Tensor):
             supervised = supervised.nonzero(as_tuple=True)
-        last = config.max_recursive_steps - 1
-        narrow_step = [config.intermediate_step_positions == "masked"] * last
-        narrow_step.append(config.final_step_positions == "masked" and self.training)
+        narrow_step = self.narrowed_steps(return_logits)
         narrowed = None  # (M,) indices into the N scored positions: those of the narrowed steps
-        if any(narrow_step) and not return_logits and input_is_mask is not None:
+        if any(narrow_step) and input_is_mask is not None:
             narrowed = input_is_mask[supervised].nonzero().squeeze(1)
         context = self.head_context(hidden, attention_mask, chunk_index, position_ids, noisy_copy=noisy_copy)
         x = self.head.project_in(hidden)
