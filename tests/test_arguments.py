@@ -112,6 +112,7 @@ def test_parsed_flags_build_the_config_without_listing_fields():
 
 @pytest.mark.parametrize("flags,message", [
     (["--max_recursive_steps", "0"], "--max_recursive_steps must be at least 1, got 0"),
+    (["--head_reads_layers", "0"], "--head_reads_layers must be at least 1, got 0"),
     (["--min_recursive_steps", "5"], "--min_recursive_steps (5) must not exceed --max_recursive_steps (2)"),
     (["--head_hidden_size", "-2"], "--head_hidden_size must be positive, got -2"),
     (["--step_weighting", "cubic"], "--step_weighting must be one of linear, uniform, got 'cubic'"),

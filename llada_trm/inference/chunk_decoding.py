@@ -159,10 +159,9 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
     sharing the pass changes nothing for either and saves one backbone pass and the shared head calls per chunk.
     """
     size, extend = model.config.chunk_size, kind.extends_cache
-    out = model.backbone(
+    out = model.backbone_pass(
         input_ids=ids, attention_mask=attention_mask, chunk_index=chunk_index,
-        past_key_values=past.backbone if past is not None else None,
-        use_cache=extend, output_hidden_states=True, return_logits=False,
+        past_key_values=past.backbone if past is not None else None, use_cache=extend,
     )
     hidden = out.last_hidden_state
     masked_chunk = (slice(None), slice(-size, None))  # the last chunk_size positions of every row
@@ -179,7 +178,7 @@ def refine_pass(model, ids: Tensor, attention_mask: Tensor, chunk_index: Tensor,
         return model.head_context(hidden[:, :length], attention_mask[:, :length], chunk_index[:, :length],
                                   past=past_head[0] if past_head else None)
 
-    x = x_base = model.head.project_in(hidden)
+    x = x_base = model.head.project_in(out.layer_states)
     context, state = context_of(ids.shape[1]), model.head.initial_state(x)
     still_masked = None
     if model.config.draft_feedback:

@@ -37,6 +37,9 @@ class HybridConfig(PreTrainedConfig):
     head_mlp_hidden_size: int | None = _setting(None, "MLP width of the head (default 3 x head width)")
     head_rope_theta: float = _setting(10000.0, "RoPE base of the head")
     head_rms_norm_eps: float = _setting(1e-5, "RMSNorm epsilon of the head")
+    head_reads_layers: int = _setting(1, (
+        "backbone layers the head reads: the last, and with n > 1 the n - 1 blocks before it (each through the "
+        "backbone's final norm, concatenated into the head's input projection)"))
     head_init_std: float = _setting(0.02, "standard deviation of the head's initial weights")
     latent_steps: int = _setting(2, "latent updates z <- f(z + y + x) per refinement step")
     # Recursion
@@ -67,8 +70,12 @@ class HybridConfig(PreTrainedConfig):
         "the mask token; needs unmasked_chunk_weight 0, where the others weigh nothing, so the loss is unchanged; "
         "held-out evaluation scores all)"))
 
-    def resolve_head_shape(self, backbone_d_model: int) -> None:
-        """Fill the derived head sizes from the backbone width (once, before the head is built)."""
+    def resolve_head_shape(self, backbone_d_model: int, backbone_layers: int | None = None) -> None:
+        """Fill the derived head sizes from the backbone width (once, before the head is built); check that the
+        backbone has the layers the head reads."""
+        if backbone_layers is not None and self.head_reads_layers > backbone_layers:
+            raise HybridConfigError(
+                f"`head_reads_layers` ({self.head_reads_layers}) exceeds the backbone's {backbone_layers} layers")
         if self.head_hidden_size is None:
             self.head_hidden_size = min(backbone_d_model, 1024)
         if self.head_heads is None:
@@ -83,7 +90,7 @@ class HybridConfig(PreTrainedConfig):
         return self.checkpoint_refinement_steps
 
     def validate_architecture(self):
-        positive = ("chunk_size", "head_layers", "latent_steps", "max_recursive_steps", "min_recursive_steps")
+        positive = ("chunk_size", "head_layers", "head_reads_layers", "latent_steps", "max_recursive_steps", "min_recursive_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise HybridConfigError(f"`{name}` must be at least 1, got {getattr(self, name)}")

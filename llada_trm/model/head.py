@@ -1,6 +1,7 @@
 """The recursive refinement head: a tiny block-causal transformer that refines the backbone's hidden states.
 
-    x = in_proj(h)                          h: backbone hidden states after ln_f, (B, L, d_model)
+    x = in_proj(h)                          h: backbone hidden states after ln_f, (B, L, d_model); with
+                                            head_reads_layers n, the last n layers' (B, L, n x d_model)
     y = x, z = z_init
     per refinement step:
         repeat latent_steps times:  z <- f(z + y + x)      (latent reasoning)
@@ -64,7 +65,7 @@ class RecursiveRefinementHead(nn.Module):
         self.config = config
         width = config.head_hidden_size
         self.block_config = head_block_config(config)
-        self.in_proj = nn.Linear(backbone_d_model, width, bias=False)
+        self.in_proj = nn.Linear(config.head_reads_layers * backbone_d_model, width, bias=False)
         self.blocks = nn.ModuleList(LLaDABlock(self.block_config) for _ in range(config.head_layers))
         self.norm = RMSNorm(width, config.head_rms_norm_eps)
         self.out_proj = nn.Linear(width, backbone_d_model, bias=False)
@@ -93,9 +94,10 @@ class RecursiveRefinementHead(nn.Module):
         out, cache = run_blocks(self.blocks, u, context, past, use_cache)
         return self.norm(out), cache
 
-    def project_in(self, hidden: Tensor) -> Tensor:
-        """x = in_proj(h), in the head's own dtype (the head trains in fp32 even on a bf16 backbone)."""
-        return self.in_proj(hidden.to(self.in_proj.weight.dtype))
+    def project_in(self, layer_states: Tensor) -> Tensor:
+        """x = in_proj(h), h the backbone's `layer_states` (B, L, head_reads_layers x d_model), in the head's own
+        dtype (the head trains in fp32 even on a bf16 backbone)."""
+        return self.in_proj(layer_states.to(self.in_proj.weight.dtype))
 
     def initial_state(self, x: Tensor) -> RefinementState:
         return RefinementState(y=x, z=self.z_init.to(x.dtype).expand_as(x))

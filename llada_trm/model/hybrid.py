@@ -25,7 +25,7 @@ from llada_trm.model.hybrid_outputs import HybridOutput, StepScores, micro_batch
 from llada_trm.model.integrity import check_safetensors, write_manifest
 from llada_trm.model.lm_head_loss import lm_head_scores
 from llada_trm.model.loading import load_hybrid_config
-from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM, attention_context
+from llada_trm.model.modeling_llada import CheckpointMismatchError, LLaDAModelLM, LLaDAOutput, attention_context
 from llada_trm.model.losses import chunk_token_weights, hybrid_loss
 
 HEAD_WEIGHTS = "model.safetensors"
@@ -41,7 +41,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         super().__init__(config)
         if backbone is None:
             backbone = LLaDAModelLM.from_pretrained(config.backbone_name_or_path)
-        config.resolve_head_shape(backbone.config.d_model)
+        config.resolve_head_shape(backbone.config.d_model, backbone.config.n_layers)
         config.validate_architecture()
         self.backbone = backbone
         # The head stays in fp32 whatever the backbone's dtype: it is what gets trained (AdamW on bf16 weights
@@ -70,19 +70,18 @@ class LLaDATRMHybrid(PreTrainedModel):
         return self
 
     # ------------------------------------------------------------------ forward pieces
+    def backbone_pass(self, **inputs) -> LLaDAOutput:
+        """The backbone pass the head reads (training and decoding): hidden states, no logits, and the
+        `head_reads_layers` layers in `layer_states`. Gradients only into a backbone that trains."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
+            return self.backbone(**inputs, output_hidden_states=True, return_logits=False,
+                                 read_layers=self.config.head_reads_layers)
+
     def backbone_hidden_states(self, input_ids, attention_mask, chunk_index, position_ids=None,
                                noisy_copy=None) -> Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_backbone):
-            out = self.backbone(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                chunk_index=chunk_index,
-                position_ids=position_ids,
-                output_hidden_states=True,
-                return_logits=False,
-                noisy_copy=noisy_copy,
-            )
-        return out.last_hidden_state
+        """The backbone's last hidden state (B, L, d_model), after ln_f."""
+        return self.backbone_pass(input_ids=input_ids, attention_mask=attention_mask, chunk_index=chunk_index,
+                                  position_ids=position_ids, noisy_copy=noisy_copy).last_hidden_state
 
     def head_context(self, hidden: Tensor, attention_mask, chunk_index, position_ids=None, past=None,
                      noisy_copy=None):
@@ -177,12 +176,14 @@ class LLaDATRMHybrid(PreTrainedModel):
                                                        drop_unread=all(self.narrowed_steps(return_logits)))
         else:
             scored = supervised.nonzero(as_tuple=True)
-        hidden = self.backbone_hidden_states(**inputs)
+        backbone_out = self.backbone_pass(**inputs)
+        hidden = backbone_out.last_hidden_state
         # Padding never counts as masked: a position left out of the packed layout reads column 0.
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
         per_step = self.refine_supervised(hidden, attention, inputs["chunk_index"], scored, targets,
                                           inputs["position_ids"], return_logits, inputs.get("noisy_copy"),
-                                          self.draft_positions(ids, attention), self.masked_inputs(ids, attention))
+                                          self.draft_positions(ids, attention), self.masked_inputs(ids, attention),
+                                          backbone_out.layer_states)
         backbone = self.backbone_scores(hidden[scored].detach(), targets, per_step[-1].scored, return_logits)
         return self._assemble_output(
             per_step, backbone, supervised=supervised, chunk_index=chunk_index, chunk_is_masked=chunk_is_masked,
@@ -231,7 +232,7 @@ class LLaDATRMHybrid(PreTrainedModel):
 
     def refine_supervised(
         self, hidden, attention_mask, chunk_index, supervised, targets, position_ids=None, return_logits=False,
-        noisy_copy=None, draft_at=None, input_is_mask=None,
+        noisy_copy=None, draft_at=None, input_is_mask=None, layer_states=None,
     ) -> list[StepScores]:
         """The head over every chunk for all `max_recursive_steps` steps: each step's scores at the supervised
         positions. Each step is recomputed in the backward pass when `recompute_steps` is on, so activation memory
@@ -243,7 +244,8 @@ class LLaDATRMHybrid(PreTrainedModel):
         (`draft_positions`): with draft feedback, each step's argmax enters the next step's x at the supervised
         positions among them. input_is_mask (B, L) bool: with `intermediate_step_positions` "masked", the steps
         before the last are scored only there, and with `final_step_positions` "masked" the last step too, in
-        training (fused path only; the others read CE, probabilities 0, argmax -100)."""
+        training (fused path only; the others read CE, probabilities 0, argmax -100). layer_states: what the head
+        reads (`backbone_hidden_states`; None: `hidden`)."""
         config = self.config
         if isinstance(supervised, Tensor):
             supervised = supervised.nonzero(as_tuple=True)
@@ -252,7 +254,7 @@ class LLaDATRMHybrid(PreTrainedModel):
         if any(narrow_step) and input_is_mask is not None:
             narrowed = input_is_mask[supervised].nonzero().squeeze(1)
         context = self.head_context(hidden, attention_mask, chunk_index, position_ids, noisy_copy=noisy_copy)
-        x = self.head.project_in(hidden)
+        x = self.head.project_in(hidden if layer_states is None else layer_states)
         hidden_sup = hidden[supervised]
         drafted = draft_at[supervised] if draft_at is not None else None  # (N,) which scored tokens feed back
         draft_index = tuple(index[drafted] for index in supervised) if drafted is not None else None

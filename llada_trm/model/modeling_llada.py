@@ -146,8 +146,11 @@ def run_blocks(
     past: KVCache | None = None,
     use_cache: bool = False,
     checkpoint_fn=None,
+    kept_outputs: list[Tensor] | None = None,
 ) -> tuple[Tensor, KVCache | None]:
-    """Run a stack of LLaDA blocks; shared by the backbone and the refinement head's tiny transformer."""
+    """Run a stack of LLaDA blocks; shared by the backbone and the refinement head's tiny transformer. With
+    `kept_outputs` (a list of length n), it ends holding the outputs of the last n blocks, earliest first."""
+    keep_from = len(blocks) - len(kept_outputs) if kept_outputs is not None else len(blocks)
     new_keys, new_values = [], []
     for i, block in enumerate(blocks):
         layer_past = (past.keys[i], past.values[i]) if past is not None else None
@@ -155,6 +158,8 @@ def run_blocks(
             x, (k, v) = checkpoint_fn(block.__call__, x, context.rope, context.allowed, layer_past)
         else:
             x, (k, v) = block(x, context.rope, context.allowed, layer_past)
+        if i >= keep_from:
+            kept_outputs[i - keep_from] = x
         if use_cache:
             new_keys.append(k)
             new_values.append(v)
@@ -166,6 +171,8 @@ def run_blocks(
 class LLaDAOutput(ModelOutput):
     logits: Tensor | None = None
     last_hidden_state: Tensor | None = None  # after ln_f, (B, L, d_model)
+    # The last `read_layers` blocks' outputs, each through ln_f, earliest first: (B, L, read_layers x d_model).
+    layer_states: Tensor | None = None
     cache: KVCache | None = None  # named `cache`: transformers >= 5.24 renames a `past_key_values` field to it
 
     @property
@@ -241,11 +248,16 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         output_hidden_states: bool = False,
         return_logits: bool = True,
         noisy_copy: Tensor | None = None,
+        read_layers: int = 1,
         **unused,
     ) -> LLaDAOutput:
         """input_ids (B, L) or inputs_embeds (B, L, d); attention_mask (B, L) 1 = real token (this call's
         positions only when a cache is passed); chunk_index (B, L) switches on block-causal attention;
-        noisy_copy (B, L) bool marks the noisy copy of clean-context training (model/attention.py)."""
+        noisy_copy (B, L) bool marks the noisy copy of clean-context training (model/attention.py);
+        read_layers: how many of the last blocks' outputs `layer_states` holds (with output_hidden_states)."""
+        if not 1 <= read_layers <= self.config.n_layers:
+            raise ValueError(f"`read_layers` must be between 1 and the backbone's {self.config.n_layers} layers, "
+                             f"got {read_layers}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         transformer = self.model.transformer
@@ -257,10 +269,16 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
             attention_mask=attention_mask, chunk_index=chunk_index, position_ids=position_ids, past=past_key_values,
             noisy_copy=noisy_copy,
         )
-        x, cache = run_blocks(transformer.blocks, x, context, past_key_values, use_cache, checkpoint_fn)
+        kept = [None] * read_layers if output_hidden_states and read_layers > 1 else None
+        x, cache = run_blocks(transformer.blocks, x, context, past_key_values, use_cache, checkpoint_fn,
+                              kept_outputs=kept)
         hidden = transformer.ln_f(x)
+        layer_states = None
+        if output_hidden_states:  # the blocks before the last are read through ln_f too, so all share one scale
+            layer_states = torch.cat([transformer.ln_f(state) for state in kept[:-1]] + [hidden], -1) if kept else hidden
         return LLaDAOutput(
             logits=transformer.ff_out(hidden) if return_logits else None,
             last_hidden_state=hidden if output_hidden_states else None,
+            layer_states=layer_states,
             cache=cache,
         )

@@ -39,6 +39,12 @@ class UsageError(ValueError):
     """A flag, config file or value the program cannot run with; printed as one line, exit code 2."""
 
 
+def as_usage_error(error: HybridConfigError) -> UsageError:
+    """A HybridConfigError in the training flags' words: its fields are the flags' names (`chunk_size` ->
+    --chunk_size)."""
+    return UsageError(re.sub(r"`(\w+)`", r"--\1", str(error)))
+
+
 def _help(text: str) -> dict:
     return {"help": text}
 
@@ -272,8 +278,8 @@ def validate(model: ModelArguments, train: TrainArguments) -> None:
     model.masking.validate()
     try:
         hybrid_config(model)
-    except HybridConfigError as error:  # its fields are the flags' names: `chunk_size` -> --chunk_size
-        raise UsageError(re.sub(r"`(\w+)`", r"--\1", str(error))) from None
+    except HybridConfigError as error:
+        raise as_usage_error(error) from None
     for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "max_bad_steps", "debug_every",
                  "eval_decode_steps_per_chunk"):
         require(getattr(train, name) > 0, f"--{name} must be positive, got {getattr(train, name)}")

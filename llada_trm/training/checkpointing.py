@@ -125,7 +125,7 @@ def resolve_resume(spec: str | None, output_dir: str, say=print, run_id: str | N
 # the saved run (the weights may even load), so it is refused.
 ARCHITECTURE_FIELDS = ("chunk_size", "head_hidden_size", "head_layers", "head_heads", "head_mlp_hidden_size",
                        "head_rope_theta", "head_rms_norm_eps", "latent_steps", "max_recursive_steps",
-                       "detach_between_steps", "freeze_backbone", "draft_feedback")
+                       "detach_between_steps", "freeze_backbone", "draft_feedback", "head_reads_layers")
 
 
 def architecture_changes(checkpoint: Path, config) -> list[tuple[str, object, object]]:

@@ -34,11 +34,12 @@ from transformers import get_scheduler
 
 from llada_trm.data.collator import ChunkMaskingCollator, micro_batch_generator, pad_batch
 from llada_trm.data.dataset import PreparedData, prepare_dataset
+from llada_trm.model.configuration_hybrid import HybridConfigError
 from llada_trm.model.hybrid import LLaDATRMHybrid
 from llada_trm.model.loading import load_tokenizer
 from llada_trm.model.modeling_llada import LLaDAModelLM
 from llada_trm.training import held_out
-from llada_trm.training.arguments import RunArguments, UsageError, hybrid_config
+from llada_trm.training.arguments import RunArguments, UsageError, as_usage_error, hybrid_config
 from llada_trm.training.checkpointing import (
     architecture_changes,
     load_checkpoint,
@@ -84,7 +85,10 @@ def build_model(args: RunArguments):
             r=m.lora_r, lora_alpha=m.lora_alpha, target_modules=["q_proj", "k_proj", "v_proj", "attn_out"]))
     if m.objective != "hybrid":  # llada_sft, block_sft: the backbone alone
         return backbone
-    return LLaDATRMHybrid(hybrid_config(m), backbone)
+    try:  # settings that need the backbone's shape (head_reads_layers) are checked here
+        return LLaDATRMHybrid(hybrid_config(m), backbone)
+    except HybridConfigError as error:
+        raise as_usage_error(error) from None
 
 
 def make_accelerator(args: RunArguments) -> Accelerator:

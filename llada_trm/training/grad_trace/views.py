@@ -85,10 +85,12 @@ class HybridView:
         end = _real_end(self.batch["attention_mask"][row])
         b = {k: self.batch[k][row : row + 1, :end] for k in ("input_ids", "attention_mask", "chunk_index", "labels")}
         supervised = self.supervised[row : row + 1, :end]
-        hidden = model.backbone_hidden_states(b["input_ids"], b["attention_mask"], b["chunk_index"])
+        backbone_out = model.backbone_pass(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                           chunk_index=b["chunk_index"])
+        hidden = backbone_out.last_hidden_state
         per_step = model.refine_supervised(hidden, b["attention_mask"], b["chunk_index"], supervised,
                                            b["labels"][supervised],
-                                           draft_at=model.draft_positions(b["input_ids"]))
+                                           draft_at=model.draft_positions(b["input_ids"]), layer_states=backbone_out.layer_states)
         losses = [step.ce for step in per_step]
         return losses, torch.arange(losses[0].numel(), device=hidden.device)
 
