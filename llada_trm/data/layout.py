@@ -46,3 +46,22 @@ def with_bos(tokenizer, ids: list[int]) -> list[int]:
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a rendered prompt text (see `render_prompt`), BOS first: as training data and decoding see it."""
     return with_bos(tokenizer, text_ids(tokenizer, text))
+
+
+TOKEN_KINDS = ("result", "answer", "number", "text")
+
+
+def token_kinds(pieces: list[str]) -> list[str]:
+    """The role of each token of a reasoning text, from its decoded pieces: a number right after `=` ("result": what
+    a step computes), a number inside the answer tag ("answer"), any other number ("number": operands, quantities),
+    or "text". A number may span several tokens (digits one a token); blank pieces do not break one."""
+    kinds, after = [], ""  # after: the last non-blank, non-number piece
+    for piece in pieces:
+        word = piece.strip()
+        if word.isdigit():
+            kinds.append("result" if after.endswith("=") else "answer" if after.endswith(ANSWER_OPEN) else "number")
+            continue
+        kinds.append("text")
+        if word:
+            after = word
+    return kinds
