@@ -116,9 +116,9 @@ def format_loss_by_kind(sums: dict[str, list]) -> str:
     lines = ["| kind   | tokens | head CE | backbone CE | head - backbone | share of the backbone's loss |",
              "|--------|-------:|--------:|------------:|----------------:|-----------------------------:|"]
     for kind, (head, backbone, count) in sums.items():
-        mean = (lambda value: value / count) if count else (lambda value: float("nan"))
-        lines.append(f"| {kind:6s} | {count:6d} | {mean(head):7.4f} | {mean(backbone):11.4f} | "
-                     f"{mean(head) - mean(backbone):+15.4f} | {backbone / total:28.2f} |")
+        head_mean, backbone_mean = (head / count, backbone / count) if count else (float("nan"), float("nan"))
+        lines.append(f"| {kind:6s} | {count:6d} | {head_mean:7.4f} | {backbone_mean:11.4f} | "
+                     f"{head_mean - backbone_mean:+15.4f} | {backbone / total:28.2f} |")
     return "\n".join(lines)
 
 

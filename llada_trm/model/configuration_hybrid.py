@@ -90,7 +90,8 @@ class HybridConfig(PreTrainedConfig):
         return self.checkpoint_refinement_steps
 
     def validate_architecture(self):
-        positive = ("chunk_size", "head_layers", "head_reads_layers", "latent_steps", "max_recursive_steps", "min_recursive_steps")
+        positive = ("chunk_size", "head_layers", "head_reads_layers", "latent_steps", "max_recursive_steps",
+                    "min_recursive_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise HybridConfigError(f"`{name}` must be at least 1, got {getattr(self, name)}")
