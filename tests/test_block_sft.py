@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from conftest import make_config
 
 from llada_trm import LLaDAModelLM
+from llada_trm.merge_adapters import main as merge_main
+from llada_trm.model.loading import load_tokenizer
 from llada_trm.pretrain import full_attention_batch
 from llada_trm.data.collator import pad_batch
 from llada_trm.data.dataset import layout_sample
@@ -89,7 +91,7 @@ def test_full_attention_batches_fill_the_response_with_eos_to_a_random_length():
             1 for c, a in zip(row["chunk_index"], row["attention_mask"]) if c == -1 and a == 1)
 
 
-def test_block_sft_trains_lora_adapters_that_merge_into_a_plain_llada(backbone_dir, tmp_path):
+def test_block_sft_trains_lora_adapters_that_merge_into_a_plain_llada(backbone_dir, tmp_path, capsys):
     """The adaptation stage: `--objective block_sft --use_lora` trains adapters only; peft merges them into a plain
     LLaDA that gives the adapted model's logits (the frozen backbone of a later hybrid)."""
     pytest.importorskip("peft")
@@ -106,11 +108,25 @@ def test_block_sft_trains_lora_adapters_that_merge_into_a_plain_llada(backbone_d
     adapted = trainer.accelerator.unwrap_model(trainer.model).eval()
     trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
-    merged = PeftModel.from_pretrained(LLaDAModelLM.from_pretrained(backbone_dir), tmp_path / "run" / "model")
-    merged = merged.merge_and_unload().eval()
-    assert isinstance(merged, LLaDAModelLM)
+    adapters, out = tmp_path / "run" / "model", tmp_path / "merged"
+    assert merge_main(["--adapters", str(adapters), "--output_dir", str(out), "--backbone", str(backbone_dir)]) == 0
+    merged = LLaDAModelLM.from_pretrained(out).eval()  # a plain LLaDA directory, with the run's tokenizer
+    assert (out / "manifest.json").exists() and load_tokenizer(out).mask_token_id == load_tokenizer(adapters).mask_token_id
+    by_hand = PeftModel.from_pretrained(LLaDAModelLM.from_pretrained(backbone_dir), adapters).merge_and_unload().eval()
     ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merged(input_ids=ids).logits, by_hand(input_ids=ids).logits, rtol=1e-6, atol=1e-6)
         base = LLaDAModelLM.from_pretrained(backbone_dir).eval()
         assert not torch.allclose(base(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+    # An existing output is kept unless --overwrite; a directory without adapters is named (one line, exit 2)
+    for argv, message in (
+        (["--adapters", str(adapters), "--output_dir", str(out)], "exists; pass --overwrite to replace it"),
+        (["--adapters", str(backbone_dir), "--output_dir", str(tmp_path / "other")], "no adapter_config.json"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            merge_main(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert merge_main(["--adapters", str(adapters), "--output_dir", str(out), "--backbone", str(backbone_dir),
+                       "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]  # no staging or old directory left

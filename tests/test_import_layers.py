@@ -141,7 +141,8 @@ def test_each_program_lives_at_the_package_top_and_forwards_nowhere(path):
 
 def test_the_programs_are_the_documented_ones():
     assert {p.stem for p in PROGRAMS} == {"ablate", "compare", "distill", "evaluate", "frontier", "generate",
-                                          "grad_trace", "inspect", "lm_eval", "pretrain", "synthetic", "train"}
+                                          "grad_trace", "inspect", "lm_eval", "merge_adapters", "pretrain", "synthetic",
+                                          "train"}
 
 
 def test_test_modules_import_shared_helpers_from_support_not_from_each_other():
