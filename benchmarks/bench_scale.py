@@ -366,7 +366,8 @@ def print_goals(rows: list[Row], decode_batch: int) -> None:
     if lora:
         lines.append(f"hybrid step / LoRA step          {hybrid.time / lora.time:6.2f}   (goal <= 0.5)")
         if hybrid.peak_mib is not None and lora.peak_mib:
-            lines.append(f"hybrid peak / LoRA peak          {hybrid.peak_mib / lora.peak_mib:6.2f}   (goal <= 0.25, saved)")
+            ratio = hybrid.peak_mib / lora.peak_mib
+            lines.append(f"hybrid peak / LoRA peak          {ratio:6.2f}   (goal <= 0.25, saved)")
     for batch, goal in ((1, 20), (decode_batch, 40)):
         llada = find(rows, "LLaDA generate", f"b{batch}")
         refined = find(rows, "generate_with_refinement, 1 round", f"b{batch}")

@@ -207,9 +207,11 @@ def print_counts(train: dict[str, FlopSplit], decode: dict[str, FlopSplit], args
         lora = train["LLaDA SFT, LoRA r=16 (q,k,v,attn_out), grad ckpt"]
         print(f"  hybrid step / LoRA step               {hybrid.total / lora.total:6.2f}   (goal <= 0.5)")
         print(f"  hybrid step / backbone forward        {hybrid.total / forward.total:6.2f}   (goal <= 1.5)")
-        print(f"  hybrid saved / LoRA saved             {hybrid.saved_mib / max(lora.saved_mib, 1e-9):6.2f}   (goal <= 0.25)")
+        ratio = hybrid.saved_mib / max(lora.saved_mib, 1e-9)
+        print(f"  hybrid saved / LoRA saved             {ratio:6.2f}   (goal <= 0.25)")
     if decode:
-        refined, sampler = (decode[next(k for k in decode if k.startswith(p))] for p in ("hybrid, 1 pass", "LLaDA sampler"))
+        refined, sampler = (decode[next(k for k in decode if k.startswith(prefix))]
+                            for prefix in ("hybrid, 1 pass", "LLaDA sampler"))
         print(f"  refinement token / sampler token      {refined.total / sampler.total:6.4f}   (goal <= {1 / 12:.4f})")
 
 

@@ -2,8 +2,8 @@
 
 The programs are the modules at the package top, each started as `python -m llada_trm.<name>`: `train` (also
 `train_llada_trm_hybrid_sft.py`), `generate`, `evaluate`, `frontier`, `inspect`, `compare`, `ablate`,
-`pretrain`, `synthetic`, `distill`, `merge_adapters` and `grad_trace`. Each parses flags, calls the stage packages below it and
-turns a user mistake into one line and exit 2.
+`pretrain`, `synthetic`, `distill`, `merge_adapters` and `grad_trace`. Each parses flags, calls the stage packages
+below it and turns a user mistake into one line and exit 2.
 """
 
 import argparse

@@ -111,7 +111,8 @@ def test_block_sft_trains_lora_adapters_that_merge_into_a_plain_llada(backbone_d
     adapters, out = tmp_path / "run" / "model", tmp_path / "merged"
     assert merge_main(["--adapters", str(adapters), "--output_dir", str(out), "--backbone", str(backbone_dir)]) == 0
     merged = LLaDAModelLM.from_pretrained(out).eval()  # a plain LLaDA directory, with the run's tokenizer
-    assert (out / "manifest.json").exists() and load_tokenizer(out).mask_token_id == load_tokenizer(adapters).mask_token_id
+    assert (out / "manifest.json").exists()
+    assert load_tokenizer(out).mask_token_id == load_tokenizer(adapters).mask_token_id
     by_hand = PeftModel.from_pretrained(LLaDAModelLM.from_pretrained(backbone_dir), adapters).merge_and_unload().eval()
     ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -20,7 +20,8 @@ def test_a_fresh_head_loses_what_its_backbone_loses_on_every_kind(capsys):
     # every chunk masked: each reasoning token is a masked position, so the kinds cover them all
     assert inspect_main(["--backbone", "tiny-llada", "--loss_by_kind", "--num_samples", "6",
                          "--mask_probability", "1"]) == 0
-    rows = re.findall(r"^\| (\w+) +\| +(\d+) \| +([\d.]+) \| +([\d.]+) \| +([-+][\d.]+) \|", capsys.readouterr().out, re.M)
+    row = r"^\| (\w+) +\| +(\d+) \| +([\d.]+) \| +([\d.]+) \| +([-+][\d.]+) \|"
+    rows = re.findall(row, capsys.readouterr().out, re.M)
     kinds = {kind: (int(count), float(head), float(backbone), float(gap)) for kind, count, head, backbone, gap in rows}
     assert set(kinds) == {"result", "answer", "number", "text"}
     assert all(count > 0 for count, *_ in kinds.values())

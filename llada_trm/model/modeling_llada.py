@@ -275,7 +275,8 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         hidden = transformer.ln_f(x)
         layer_states = None
         if output_hidden_states:  # the blocks before the last are read through ln_f too, so all share one scale
-            layer_states = torch.cat([transformer.ln_f(state) for state in kept[:-1]] + [hidden], -1) if kept else hidden
+            earlier = [transformer.ln_f(state) for state in kept[:-1]] if kept else []  # kept[-1] is x itself
+            layer_states = torch.cat([*earlier, hidden], -1) if earlier else hidden
         return LLaDAOutput(
             logits=transformer.ff_out(hidden) if return_logits else None,
             last_hidden_state=hidden if output_hidden_states else None,

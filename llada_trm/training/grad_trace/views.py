@@ -90,7 +90,8 @@ class HybridView:
         hidden = backbone_out.last_hidden_state
         per_step = model.refine_supervised(hidden, b["attention_mask"], b["chunk_index"], supervised,
                                            b["labels"][supervised],
-                                           draft_at=model.draft_positions(b["input_ids"]), layer_states=backbone_out.layer_states)
+                                           draft_at=model.draft_positions(b["input_ids"]),
+                                           layer_states=backbone_out.layer_states)
         losses = [step.ce for step in per_step]
         return losses, torch.arange(losses[0].numel(), device=hidden.device)
 
