@@ -6,8 +6,8 @@
 Scores held-out problems with the same new-token budget (temperature 0) at every point: LLaDA's sampler at
 1/2/4/8/16 tokens per step and with threshold decoding at 0.9/0.7/0.5, the chunk decoder on the backbone alone and
 the hybrid at 16/4/2/1 rounds per chunk and with a 0.9 threshold inside the chunk (`--backbone`: no hybrid points).
-The chunk decoders score `--max_samples` problems (500), the sampler the first `--sampler_max_samples` of them (200:
-it re-runs the whole sequence at every step). Prints exact match with its standard error, TPF (new tokens per
+The chunk decoders and the sampler at a chunk per step score `--max_samples` problems (500), the other sampler
+points the first `--sampler_max_samples` of them (200: it re-runs the whole sequence at every step). Prints exact match with its standard error, TPF (new tokens per
 backbone row-pass), backbone and head FLOPs per new token (FlopCounterMode over the first `--flop_sample` problems)
 and tokens/s, then each decoder kind's AUP and TPF within 1 point of its one-token exact match; writes frontier.json
 and, with matplotlib, frontier.png. Bad paths or arguments print one line on stderr and exit with code 2.
@@ -48,7 +48,8 @@ class UsageError(Exception):
 def make_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m llada_trm.frontier", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    # 500 problems: most points are one pass per chunk; the sampler's take --sampler_max_samples of them.
+    # 500 problems: most points are one pass per chunk; the sampler's below a chunk per step take
+    # --sampler_max_samples of them.
     add_scoring_flags(parser, "LLaDA model directory or tiny-llada: the backbone decoders only", max_samples=500)
     parser.add_argument("--points", default=None,
                         help="comma-separated points (default: all that apply), e.g. sampler/k1,sampler/t0.9,"
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_frontier(result, output)
     plot_frontier(result, output / PLOT_FILE)
     sampler = "" if result["sampler_num_samples"] == result["num_samples"] else \
-        f", sampler points on the first {result['sampler_num_samples']}"
+        f", sampler points below a chunk per step on the first {result['sampler_num_samples']}"
     print(f"\nfrontier on {result['num_samples']} problems ({args.split} split{sampler}), {budget} new tokens at "
           f"most, temperature 0; FLOPs over the first {result['flop_sample']} problems; {result['seconds']:.0f} s in all:")
     print(format_frontier_table(result))

@@ -15,7 +15,8 @@ from llada_trm.data.arguments import DataArgumentError
 from llada_trm.data.sources import DataError
 from llada_trm.data.layout import extract_answer
 from llada_trm.inference.chunk_decoding import format_trace
-from llada_trm.inference.exact_match import format_fair_table, is_correct, prompt_ids_of
+from llada_trm.inference.exact_match import (format_fair_table, format_hybrid_lead, hybrid_lead, is_correct,
+                                              prompt_ids_of)
 from llada_trm.inference.frontier import format_frontier_table
 from llada_trm.model.configuration_hybrid import HybridConfigError
 from llada_trm.model.configuration_llada import LLaDAConfigError
@@ -56,7 +57,8 @@ def print_summary(trainer: Trainer, summary: dict) -> None:
 
 
 def print_decoding_cost(trainer: Trainer) -> None:
-    """Two cheap frontier points beside the table (TPF = new tokens per backbone row-pass; docs/evaluation.md)."""
+    """A few cheap frontier points beside the table (TPF = new tokens per backbone row-pass; docs/evaluation.md),
+    and the hybrid's lead over each backbone-only one on the problems both scored."""
     began = time.perf_counter()
     result = held_out.decoding_frontier(trainer)
     if result is None:
@@ -64,6 +66,10 @@ def print_decoding_cost(trainer: Trainer) -> None:
     print(f"\ndecoding cost on the same problems ({time.perf_counter() - began:.0f} s; the full frontier: "
           f"python -m llada_trm.frontier --checkpoint DIR):")
     print(format_frontier_table(result))
+    hybrid = trainer.fair_eval["decoders"].get("hybrid_refined")
+    others = {p["name"]: p for p in result["points"] if p["kind"] != "hybrid"}
+    if hybrid is not None and others:
+        print(format_hybrid_lead(hybrid_lead({"hybrid_refined": hybrid, **others})))
 
 
 def sample_generation(trainer: Trainer) -> None:

@@ -81,11 +81,38 @@ def test_one_pass_per_chunk_config_is_the_documented_command():
 def test_short_one_pass_per_chunk_config_is_the_documented_command():
     """configs/one_pass_per_chunk_short.yaml trains what docs/embedded_default.md measured with these flags."""
     documented = ["--mask_probability", "1.0", "--num_synthetic_train", "16000", "--learning_rate", "0.001",
-                  "--intermediate_step_positions", "masked", "--final_step_positions", "masked",
                   "--output_dir", "runs/one-pass-per-chunk-short"]
     parsed = parse_arguments(["--config", str(CONFIGS / "one_pass_per_chunk_short.yaml")], environ={})
     assert groups(parsed) == groups(parse_arguments(documented, environ={}))
     assert (parsed.model.head_hidden_size, parsed.model.max_recursive_steps) == (64, 2)  # the profile's head
+
+
+NARROWED = ("intermediate_step_positions", "final_step_positions")
+
+
+def scoring(args) -> tuple[str, str]:
+    return tuple(getattr(args.model, name) for name in NARROWED)
+
+
+def test_profile_scores_at_masked_inputs_unless_something_reads_the_others(tmp_path):
+    """The embedded profile scores every step at the masked inputs only (unmasked chunks weigh 0 there); unmasked
+    chunks that weigh, truncation or token weighting turn what the profile set back to `all`, without an error; a
+    value the user names (flag, abbreviation or config key) is kept, and refused where it cannot work."""
+    assert scoring(parse_arguments(["--mask_probability", "0.3"], environ={})) == ("masked", "masked")
+    for flags, environ in ((["--unmasked_chunk_weight", "0.5"], {}), ([], {"TRUNCATION_ENABLE": "1"}),
+                           (["--truncation_preset", "A2"], {}), (["--loss_weighting", "dft"], {})):
+        assert scoring(parse_arguments(flags, environ=environ)) == ("all", "all"), (flags, environ)
+    named = parse_arguments(["--loss_weighting", "dft", "--intermediate_step", "masked"], environ={})
+    assert scoring(named) == ("masked", "all")
+    with pytest.raises(UsageError, match="--final_step_positions masked"):
+        parse_arguments(["--final_step_positions", "masked", "--loss_weighting", "dft"], environ={})
+    config = tmp_path / "named.yaml"
+    config.write_text("base: embedded\nfinal_step_positions: masked\n")
+    with pytest.raises(UsageError, match="--final_step_positions masked"):
+        parse_arguments(["--config", str(config)], environ={"TRUNCATION_ENABLE": "1"})
+    library = tmp_path / "library.yaml"  # no `base`: the library's `all`, whatever else is set
+    library.write_text("loss_weighting: dft\n")
+    assert scoring(parse_arguments(["--config", str(library)], environ={})) == ("all", "all")
 
 
 def test_embedded_profile_booleans_turn_off_like_any_other():

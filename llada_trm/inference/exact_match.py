@@ -287,10 +287,13 @@ def format_fair_table(evaluation: dict) -> str:
              f"{r['tokens_per_second']:.1f}") for name, r in evaluation["decoders"].items()]
     table = markdown_table(header, rows, right=range(1, len(header)))
     lead = evaluation.get("hybrid_lead")
-    if not lead:
-        return table
-    lead_rows = [(f"hybrid_refined - {name}", f"{r['difference']:+.3f}", f"{r['standard_error']:.3f}",
-                  f"{r['difference'] / r['standard_error']:+.1f}" if r["standard_error"] > 0 else "-",
-                  str(r["num_samples"])) for name, r in lead.items()]
-    lead_header = ("hybrid lead (same problems)", "difference", "paired s.e.", "in s.e.", "samples")
-    return table + "\n" + markdown_table(lead_header, lead_rows, right=range(1, len(lead_header)))
+    return table + "\n" + format_hybrid_lead(lead) if lead else table
+
+
+def format_hybrid_lead(lead: dict) -> str:
+    """`hybrid_lead` as a markdown table: difference, paired standard error, the difference in standard errors."""
+    rows = [(f"hybrid_refined - {name}", f"{r['difference']:+.3f}", f"{r['standard_error']:.3f}",
+             f"{r['difference'] / r['standard_error']:+.1f}" if r["standard_error"] > 0 else "-",
+             str(r["num_samples"])) for name, r in lead.items()]
+    header = ("hybrid lead (same problems)", "difference", "paired s.e.", "in s.e.", "samples")
+    return markdown_table(header, rows, right=range(1, len(header)))

@@ -7,8 +7,8 @@ A point is a decoder and how hard it works per pass, written as a short name:
 - `chunked/tX`, `hybrid/tX`: the same with the threshold rule inside each chunk (`commit_threshold`).
 Every point scores the same problems with the same new-token budget at temperature 0, through
 `inference.exact_match`, which also counts the backbone row-passes each decoder ran and its FLOPs per new token;
-sampler points may score only the first of those problems (`sampler_max_samples`: it costs about 16x a pass per
-chunk). Each exact match comes with its standard error, and each method (a decoder kind here, a trained run in
+sampler points below a whole chunk per step may score only the first of those problems (`sampler_max_samples`: at
+one token per step the sampler costs about 16x a pass per chunk). Each exact match comes with its standard error, and each method (a decoder kind here, a trained run in
 `compare`) with one number for speed and accuracy together, AUP, and its TPF within 1 point of its one-token
 exact match (inference/reporting.py, docs/evaluation.md).
 """
@@ -113,12 +113,19 @@ def frontier(model, tokenizer, rows: list[dict], max_new_tokens: int, points: li
              sampler_max_samples: int | None = None) -> dict:
     """Score every point on the same rows and budget: {"num_samples", "sampler_num_samples", "max_new_tokens",
     "chunk_size", "flop_sample", "points"}. Sampler points score only the first `sampler_max_samples` rows (None:
-    all): the sampler re-runs the whole sequence at every step, about 16x the cost of one pass per chunk."""
+    all), except the one that commits a whole chunk per step: the sampler re-runs the whole sequence at every step,
+    about 16x the cost of one pass per chunk at one token per step, and about that cost at a chunk per step."""
     sampler_rows = rows[:sampler_max_samples] if sampler_max_samples is not None else rows
-    scored = [score_point(p, model, tokenizer, sampler_rows if p.kind == "sampler" else rows, max_new_tokens,
-                          batch_size, flop_sample, progress) for p in points]
+    chunk_size = model.config.chunk_size
+    scored = [score_point(p, model, tokenizer, sampler_rows if is_limited_sampler_point(p, chunk_size) else rows,
+                          max_new_tokens, batch_size, flop_sample, progress) for p in points]
     return {"num_samples": len(rows), "sampler_num_samples": len(sampler_rows), "max_new_tokens": max_new_tokens,
             "chunk_size": model.config.chunk_size, "flop_sample": min(flop_sample, len(rows)), "points": scored}
+
+
+def is_limited_sampler_point(point: FrontierPoint, chunk_size: int) -> bool:
+    """Whether `sampler_max_samples` applies: a sampler point that may take more than one step per chunk."""
+    return point.kind == "sampler" and point.per_step != chunk_size
 
 
 def _flops(value: float | None) -> str:

@@ -240,11 +240,9 @@ def parse_arguments(argv: list[str] | None = None, environ=None) -> RunArguments
     import os
 
     config_path = make_parser().parse_known_args(argv)[0].config
-    parser = make_parser()
-    if config_path:
-        values, on_profile = _config_file(config_path)
-        parser = make_parser(profile=on_profile)
-        parser.set_defaults(**_checked(parser, values, f"--config {config_path}"))
+    values, on_profile = _config_file(config_path) if config_path else ({}, True)
+    parser = make_parser(profile=on_profile)
+    parser.set_defaults(**_checked(parser, values, f"--config {config_path}"))
     model, data, train, truncation_args, weighting, _ = parser.parse_args_into_dataclasses(argv)
     flags = {k.removeprefix("truncation_"): v for k, v in vars(truncation_args).items() if v is not None}
     preset = flags.pop("preset", None)
@@ -260,12 +258,37 @@ def parse_arguments(argv: list[str] | None = None, environ=None) -> RunArguments
         weighting.validate(has_frozen_reference=model.freeze_backbone or model.use_lora)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if on_profile:
+        _yield_profile_narrowing(model, truncation, weighting, _named_flags(argv, values, NARROWED_SCORING_FLAGS))
     validate(model, train)
     if model.final_step_positions == "masked" and (truncation.enable or weighting.loss_weighting != "none"):
         raise UsageError("--final_step_positions masked scores the last step at masked positions only, but token-level "
                          "truncation (TRUNCATION_ENABLE) and --loss_weighting read its loss at every supervised "
                          "position: use --final_step_positions all with them")
     return RunArguments(model, data, train, truncation, weighting, dict(flags, **({"preset": preset} if preset else {})))
+
+
+# The embedded profile scores every refinement step at the masked inputs only: with unmasked chunks weighing 0 that is
+# the loss and gradients of scoring everywhere, for less compute. Where something reads the other positions (unmasked
+# chunks that weigh, truncation or token weighting, which read the last step's loss everywhere), the profile's value
+# yields to the library's `all`; a value the user names is kept (and refused where it cannot work).
+NARROWED_SCORING_FLAGS = ("intermediate_step_positions", "final_step_positions")
+
+
+def _named_flags(argv: list[str] | None, config_values: dict, names: tuple[str, ...]) -> set[str]:
+    """Which of `names` the command line or the --config file sets (argparse's abbreviations included)."""
+    probe = make_parser(profile=False)
+    probe.set_defaults(**{name: None for name in names})
+    parsed = probe.parse_known_args(argv)[0]
+    return {name for name in names if getattr(parsed, name) is not None or name in config_values}
+
+
+def _yield_profile_narrowing(model: ModelArguments, truncation: TruncationConfig, weighting: WeightingConfig,
+                             named: set[str]) -> None:
+    reads_unmasked = (model.unmasked_chunk_weight != 0 or truncation.enable or weighting.loss_weighting != "none")
+    if reads_unmasked:
+        for name in set(NARROWED_SCORING_FLAGS) - named:
+            setattr(model, name, "all")
 
 
 def validate(model: ModelArguments, train: TrainArguments) -> None:

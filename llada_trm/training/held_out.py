@@ -94,15 +94,16 @@ def answer_accuracy(trainer) -> dict:
 
 
 # The main command's extra points: cheap ones that the fair table lacks (it has the one-token sampler and the chunk
-# decoder at --eval_decode_steps_per_chunk rounds): threshold decoding, and the hybrid at its natural TPF (one pass
-# per chunk) beside the backbone-only decoders at the same TPF.
+# decoders at --eval_decode_steps_per_chunk rounds): threshold decoding, the sampler at one pass per chunk, and the
+# chunk decoders at one pass per chunk where the table scored them at more rounds.
 FINAL_POINTS = {"hybrid": "sampler/t0.9,sampler/k16,chunked/r1,hybrid/r1",
                 "backbone": "sampler/t0.9,sampler/k16,chunked/r1"}
 
 
 def decoding_frontier(trainer, points: str | None = None, flop_sample: int = 0) -> dict | None:
-    """Frontier points (comma-separated names; default FINAL_POINTS) of the trainer's model on the rows and budget
-    of its last answer accuracy; points that need a head are dropped for a plain LLaDA. None without one."""
+    """Frontier points (comma-separated names; default FINAL_POINTS, less the chunk-decoder points the fair table
+    already scored) of the trainer's model on the rows and budget of its last answer accuracy; points that need a
+    head are dropped for a plain LLaDA. None without one."""
     t = trainer.args.train
     if trainer.fair_eval is None or not trainer.accelerator.is_main_process:
         return None
@@ -111,6 +112,9 @@ def decoding_frontier(trainer, points: str | None = None, flop_sample: int = 0) 
     kinds = DECODER_KINDS if is_hybrid else BACKBONE_KINDS
     names = points if points is not None else FINAL_POINTS["hybrid" if is_hybrid else "backbone"]
     chosen = [p for p in parse_points(names, trainer.args.model.chunk_size) if p.kind in kinds]
+    if points is None:  # the table's chunk decoders ran at --eval_decode_steps_per_chunk rounds, no threshold
+        chosen = [p for p in chosen if p.kind == "sampler" or p.threshold is not None
+                  or p.per_step != t.eval_decode_steps_per_chunk]
     if not chosen:
         return None
     rows, _ = scored_rows(trainer.eval_data.dataset, t.eval_max_samples)
