@@ -161,15 +161,13 @@ def test_main_command_table_shows_the_standard_error_of_each_decoder(tmp_path, c
         row = leads[f"hybrid_refined - {name}"]
         assert (row["difference"], row["paired s.e."], row["samples"]) == (f"{mean:+.3f}", f"{error:.3f}", str(shared))
     # the cheap frontier points beside the table: not the table's own chunk decoders again, and the hybrid's lead
-    # over each, paired over the problems both scored (the threshold sampler's first 6, k16 all 12)
+    # over each, paired over the problems both scored (the sampler at a chunk per step scores all 12)
     cost_text, cost_lead = out[out.index("decoding cost on the same problems"):].split("| hybrid lead (same problems)")
     cost = {row["point"]: row for row in table_cells(cost_text)}
-    assert set(cost) == {"sampler/t0.9", "sampler/k16"} and all(row["s.e."] != "-" for row in cost.values())
+    assert set(cost) == {"sampler/k16"} and all(row["s.e."] != "-" for row in cost.values())
     cost_leads = {row["hybrid lead (same problems)"]: row
                   for row in table_cells("| hybrid lead (same problems)" + cost_lead)}
-    assert set(cost_leads) == {"hybrid_refined - sampler/t0.9", "hybrid_refined - sampler/k16"}
-    for name, row in cost_leads.items():
-        exact_match = float(cost[name.split(" - ")[1]]["exact match"])
-        shared = 12 if name.endswith("k16") else 6
-        assert row["samples"] == str(shared)
-        assert float(row["difference"]) == pytest.approx(sum(hybrid[:shared]) / shared - exact_match, abs=1e-3)
+    row = cost_leads["hybrid_refined - sampler/k16"]
+    assert len(cost_leads) == 1 and row["samples"] == "12"
+    assert float(row["difference"]) == pytest.approx(sum(hybrid) / 12 - float(cost["sampler/k16"]["exact match"]),
+                                                     abs=1e-3)
