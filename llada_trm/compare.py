@@ -63,10 +63,11 @@ METHODS = {
     # chunk (block diffusion, as dParallel and d3LLM adapt LLaDA-8B), read with the chunk decoder.
     "block_sft_lora": (["--objective", "block_sft", "--use_lora"], "backbone_chunked", "2e-3"),
 }
-# After training, every method's whole frontier: the one-token sampler and threshold decoding at 0.9/0.7/0.5, the
-# chunk decoder at 16/2/1 rounds, and the hybrid at 16/2/1 rounds where there is a head.
-FRONTIER_POINTS = ("sampler/k1,sampler/t0.9,sampler/t0.7,sampler/t0.5,chunked/r16,chunked/r2,chunked/r1,"
-                   "hybrid/r16,hybrid/r2,hybrid/r1")
+# After training, every method's whole frontier: the sampler at one token and a chunk per step and with threshold
+# decoding at 0.9/0.7/0.5, the chunk decoder at 16/2/1 rounds and with its threshold rule, and the hybrid likewise
+# where there is a head. Each method's threshold chunk decoder is where its AUP is made (docs/evaluation.md).
+FRONTIER_POINTS = ("sampler/k1,sampler/t0.9,sampler/t0.7,sampler/t0.5,sampler/k16,chunked/r16,chunked/r2,chunked/r1,"
+                   "chunked/t0.9,hybrid/r16,hybrid/r2,hybrid/r1,hybrid/t0.9")
 FRONTIER_FLOP_SAMPLE = 4  # problems decoded under FlopCounterMode per point
 # Runner defaults, before --extra (which may override them): 500 held-out problems for the one-pass decoders.
 RUNNER_DEFAULTS = ("--logging_steps", "10", "--eval_max_samples", "500", "--num_synthetic_eval", "500")
