@@ -7,10 +7,11 @@ Scores held-out problems with the same new-token budget (temperature 0) at every
 1/2/4/8/16 tokens per step and with threshold decoding at 0.9/0.7/0.5, the chunk decoder on the backbone alone and
 the hybrid at 16/4/2/1 rounds per chunk and with a 0.9 threshold inside the chunk (`--backbone`: no hybrid points).
 The chunk decoders and the sampler at a chunk per step score `--max_samples` problems (500), the other sampler
-points the first `--sampler_max_samples` of them (200: it re-runs the whole sequence at every step). Prints exact match with its standard error, TPF (new tokens per
-backbone row-pass), backbone and head FLOPs per new token (FlopCounterMode over the first `--flop_sample` problems)
-and tokens/s, then each decoder kind's AUP and TPF within 1 point of its one-token exact match; writes frontier.json
-and, with matplotlib, frontier.png. Bad paths or arguments print one line on stderr and exit with code 2.
+points the first `--sampler_max_samples` of them (200: it re-runs the whole sequence at every step). Prints exact
+match with its standard error, TPF (new tokens per backbone row-pass), backbone and head FLOPs per new token
+(FlopCounterMode over the first `--flop_sample` problems) and tokens/s, then each decoder kind's AUP and TPF within
+1 point of its one-token exact match; writes frontier.json and, with matplotlib, frontier.png. Bad paths or
+arguments print one line on stderr and exit with code 2.
 """
 
 from __future__ import annotations

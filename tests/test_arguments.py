@@ -81,7 +81,8 @@ def test_one_pass_per_chunk_config_is_the_documented_command():
 def test_short_one_pass_per_chunk_config_is_the_documented_command():
     """configs/one_pass_per_chunk_short.yaml trains what docs/embedded_default.md measured with these flags."""
     documented = ["--mask_probability", "1.0", "--num_synthetic_train", "16000", "--learning_rate", "0.001",
-                  "--num_synthetic_eval", "500", "--eval_max_samples", "500", "--output_dir", "runs/one-pass-per-chunk-short"]
+                  "--num_synthetic_eval", "500", "--eval_max_samples", "500",
+                  "--output_dir", "runs/one-pass-per-chunk-short"]
     parsed = parse_arguments(["--config", str(CONFIGS / "one_pass_per_chunk_short.yaml")], environ={})
     assert groups(parsed) == groups(parse_arguments(documented, environ={}))
     assert (parsed.model.head_hidden_size, parsed.model.max_recursive_steps) == (64, 2)  # the profile's head

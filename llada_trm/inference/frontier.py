@@ -8,9 +8,9 @@ A point is a decoder and how hard it works per pass, written as a short name:
 Every point scores the same problems with the same new-token budget at temperature 0, through
 `inference.exact_match`, which also counts the backbone row-passes each decoder ran and its FLOPs per new token;
 sampler points below a whole chunk per step may score only the first of those problems (`sampler_max_samples`: at
-one token per step the sampler costs about 16x a pass per chunk). Each exact match comes with its standard error, and each method (a decoder kind here, a trained run in
-`compare`) with one number for speed and accuracy together, AUP, and its TPF within 1 point of its one-token
-exact match (inference/reporting.py, docs/evaluation.md).
+one token per step the sampler costs about 16x a pass per chunk). Each exact match comes with its standard error,
+and each method (a decoder kind here, a trained run in `compare`) with one number for speed and accuracy together,
+AUP, and its TPF within 1 point of its one-token exact match (inference/reporting.py, docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def frontier(model, tokenizer, rows: list[dict], max_new_tokens: int, points: li
     scored = [score_point(p, model, tokenizer, sampler_rows if is_limited_sampler_point(p, chunk_size) else rows,
                           max_new_tokens, batch_size, flop_sample, progress) for p in points]
     return {"num_samples": len(rows), "sampler_num_samples": len(sampler_rows), "max_new_tokens": max_new_tokens,
-            "chunk_size": model.config.chunk_size, "flop_sample": min(flop_sample, len(rows)), "points": scored}
+            "chunk_size": chunk_size, "flop_sample": min(flop_sample, len(rows)), "points": scored}
 
 
 def is_limited_sampler_point(point: FrontierPoint, chunk_size: int) -> bool:
