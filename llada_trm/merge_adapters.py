@@ -14,15 +14,13 @@ Bad paths or arguments print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from llada_trm.cli import EXIT_USAGE, OneLineParser
-from llada_trm.model.integrity import CheckpointMismatchError, write_manifest
+from llada_trm.model.integrity import CheckpointMismatchError, save_model_directory
 from llada_trm.model.loading import load_tokenizer
 from llada_trm.model.modeling_llada import LLaDAModelLM
 
@@ -60,23 +58,6 @@ def merged_backbone(adapters: Path, backbone: str | None, dtype: str | None = No
     return PeftModel.from_pretrained(base, adapters).merge_and_unload().eval()
 
 
-def write_merged(model: LLaDAModelLM, tokenizer, output_dir: Path) -> None:
-    """model + tokenizer + manifest into `output_dir`, written beside it and renamed into place."""
-    staging = output_dir.with_name(output_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    write_manifest(staging)
-    if output_dir.exists():  # --overwrite: the old directory goes only once the new one is complete
-        old = output_dir.with_name(output_dir.name + ".old")
-        os.replace(output_dir, old)
-        os.replace(staging, output_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, output_dir)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     adapters, output_dir = Path(args.adapters), Path(args.output_dir)
@@ -87,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return EXIT_USAGE
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    write_merged(model, tokenizer, output_dir)
+    save_model_directory(model, tokenizer, output_dir)
     print(f"merged {adapters} into {output_dir}")
     return 0
 

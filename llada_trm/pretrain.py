@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -58,7 +57,7 @@ from llada_trm.inference.exact_match import (
 from llada_trm.model.configuration_hybrid import HybridConfig
 from llada_trm.model.configuration_llada import LLaDAConfig
 from llada_trm.model.hybrid import LLaDATRMHybrid
-from llada_trm.model.integrity import fsync_directory, write_manifest
+from llada_trm.model.integrity import replace_directory, save_model_directory
 from llada_trm.model.loading import load_tokenizer
 from llada_trm.model.modeling_llada import LLaDAModelLM
 from llada_trm.training.arguments import UsageError, parse_arguments
@@ -323,30 +322,10 @@ def held_out_exact_match(model, tokenizer, num_eval: int) -> dict:
 
 
 # ---------------------------------------------------------------------- atomic writes
-def replace_directory(staging: Path, target: Path) -> None:
-    """Put the finished directory `staging` at `target`: the old one is renamed aside first and removed last, so
-    `target` is always either the old directory or the new one, never a half-written mix."""
-    old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    fsync_directory(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_backbone(model, tokenizer, target: Path, report: dict | None = None) -> Path:
-    """The backbone in the official layout, its tokenizer, the report and a manifest (written last) to a staging
-    directory beside `target`, then renamed to it."""
-    staging = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if report is not None:
-        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    write_manifest(staging)
-    replace_directory(staging, target)
-    return target
+    """The backbone in the official layout, its tokenizer, the report and a manifest, written beside `target` and
+    renamed to it."""
+    return save_model_directory(model, tokenizer, target, {REPORT: report} if report is not None else None)
 
 
 def install_shipped_asset(model_dir: Path, asset_dir: Path | None = None) -> Path:

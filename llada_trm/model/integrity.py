@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import time
 import zipfile
@@ -183,6 +184,33 @@ def write_manifest(directory: Path, **info) -> dict:
     os.replace(staging, directory / MANIFEST)
     fsync_directory(directory)
     return manifest
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Put the finished directory `staging` at `target`: the old one is renamed aside first and removed last, so
+    `target` is always either the old directory or the new one, never a half-written mix."""
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    fsync_directory(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_directory(model, tokenizer, target: Path, json_files: dict[str, dict] | None = None) -> Path:
+    """A model (`save_pretrained`), its tokenizer, any `json_files` (name -> content) and a manifest (written last)
+    into a staging directory beside `target`, then renamed to it (`replace_directory`)."""
+    target = Path(target)
+    staging = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    for name, content in (json_files or {}).items():
+        (staging / name).write_text(json.dumps(content, indent=2) + "\n")
+    write_manifest(staging)
+    replace_directory(staging, target)
+    return target
 
 
 def read_manifest(directory: Path) -> dict:

@@ -258,10 +258,12 @@ def parse_arguments(argv: list[str] | None = None, environ=None) -> RunArguments
         weighting.validate(has_frozen_reference=model.freeze_backbone or model.use_lora)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if on_profile:
-        _yield_profile_narrowing(model, truncation, weighting, _named_flags(argv, values, NARROWED_SCORING_FLAGS))
+    reads_last_step_everywhere = truncation.enable or weighting.loss_weighting != "none"
+    if on_profile and (reads_last_step_everywhere or model.unmasked_chunk_weight != 0):
+        for name in set(NARROWED_SCORING_FLAGS) - _named_flags(argv, values, NARROWED_SCORING_FLAGS):
+            setattr(model, name, "all")  # the profile's `masked` yields (NARROWED_SCORING_FLAGS)
     validate(model, train)
-    if model.final_step_positions == "masked" and (truncation.enable or weighting.loss_weighting != "none"):
+    if model.final_step_positions == "masked" and reads_last_step_everywhere:
         raise UsageError("--final_step_positions masked scores the last step at masked positions only, but token-level "
                          "truncation (TRUNCATION_ENABLE) and --loss_weighting read its loss at every supervised "
                          "position: use --final_step_positions all with them")
@@ -281,14 +283,6 @@ def _named_flags(argv: list[str] | None, config_values: dict, names: tuple[str, 
     probe.set_defaults(**{name: None for name in names})
     parsed = probe.parse_known_args(argv)[0]
     return {name for name in names if getattr(parsed, name) is not None or name in config_values}
-
-
-def _yield_profile_narrowing(model: ModelArguments, truncation: TruncationConfig, weighting: WeightingConfig,
-                             named: set[str]) -> None:
-    reads_unmasked = (model.unmasked_chunk_weight != 0 or truncation.enable or weighting.loss_weighting != "none")
-    if reads_unmasked:
-        for name in set(NARROWED_SCORING_FLAGS) - named:
-            setattr(model, name, "all")
 
 
 def validate(model: ModelArguments, train: TrainArguments) -> None:
